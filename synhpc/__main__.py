@@ -1,0 +1,4 @@
+from synhpc.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,313 @@
+"""Typed, validated configuration loaded from YAML with ``dotted.key=value`` overrides.
+
+Usage::
+
+    cfg = load_config("configs/demo.yaml", ["train.epochs=2", "run.name=try1"])
+    cfg.run_dir  # Path("logs/try1")
+
+Every section is a dataclass; unknown keys and wrong types raise a one-line :class:`ConfigError` that names the
+file and the key (and the closest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from synhpc.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    root: str = "logs"
+    seed: int = 0
+
+
+@dataclass
+class WorldConfig:
+    """The synthetic MICrONS-like world: a precomputed EM volume (8x8x40 nm mip 0) and CAVE-schema tables."""
+
+    path: str = "logs/world"
+    seed: int = 0
+    shape_vx: list[int] = field(default_factory=lambda: [768, 768, 96])
+    chunk_vx: list[int] = field(default_factory=lambda: [64, 64, 16])
+    n_neurons: int = 120
+    n_synapses: int = 2000
+    excitatory_fraction: float = 0.55
+    unlabeled_fraction: float = 0.05
+    difficulty: float = 0.3
+    missing_section_rate: float = 0.01
+    misaligned_section_rate: float = 0.02
+    layout: Literal["dense", "sparse"] = "dense"
+
+
+@dataclass
+class TablesConfig:
+    """Where synapse and cell-type tables come from, and in what units their positions are."""
+
+    source: Literal["files", "cave"] = "files"
+    synapses: str = "logs/world/synapses_pni_2.csv.gz"
+    cell_types: str = "logs/world/aibs_metamodel_celltypes_v661.csv.gz"
+    cell_type_table: str = "aibs_metamodel_celltypes_v661"
+    synapse_table: str = "synapses_pni_2"
+    position: Literal["pre_pt_position", "ctr_pt_position", "post_pt_position"] = "ctr_pt_position"
+    position_resolution_nm: list[float] = field(default_factory=lambda: [4.0, 4.0, 40.0])
+    materialization_version: int = 0
+    datastack: str = ""
+    server_address: str = ""
+    min_size: int = 0
+    drop_autapses: bool = True
+    pre_root_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ImageryConfig:
+    url: str = "file://logs/world/em"
+    mip: int = 0
+    fill_missing: bool = True
+    threads: int = 4
+    retries: int = 4
+
+
+@dataclass
+class CubesConfig:
+    shape_zyx: list[int] = field(default_factory=lambda: [16, 48, 48])
+    shard_size: int = 256
+    compression: Literal["none", "zstd", "lzf", "gzip"] = "none"
+
+
+@dataclass
+class SplitConfig:
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    seed: int = 0
+
+
+@dataclass
+class ExecutionConfig:
+    executor: Literal["local", "debug", "slurm"] = "local"
+    max_parallel: int = 2
+    timeout_min: int = 60
+    cpus_per_task: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small3d"
+    width: int = 16
+    dropout: float = 0.1
+    pretrained: str = ""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    checkpoint_every: int = 25
+    num_workers: int = 0
+    threads: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    threshold_metric: Literal["balanced_accuracy", "f1", "youden"] = "balanced_accuracy"
+    batch_size: int = 64
+    tta: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    imagery: ImageryConfig = field(default_factory=ImageryConfig)
+    cubes: CubesConfig = field(default_factory=CubesConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all when none), for provenance and cache keys."""
+        data = self.to_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Return ``value`` converted to ``hint`` (int -> float only), or raise naming ``where``."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} has the wrong type: {value!r}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} must be null, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(str(key), names, prefix)}")
+        hint = hints[key]
+        value = _check_value(value, hint, f"{source}: {dotted}")
+        kwargs[key] = _build(hint, value, f"{dotted}.", source) if dataclasses.is_dataclass(hint) else value
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys under '{prefix or '.'}': {', '.join(names)})"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is read as YAML so lists and numbers work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML; None for defaults), apply ``overrides`` and return a validated :class:`Config`."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{line} is not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded
+    cfg = _build(Config, data, "", source)
+    if overrides:
+        merged = cfg.to_dict()
+        for text in overrides:
+            key, value = parse_override(text)
+            _set_dotted(merged, key, value)
+        cfg = _build(Config, merged, "", "override")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(len(cfg.world.shape_vx) == 3 and min(cfg.world.shape_vx) > 0, "world.shape_vx must be 3 positive integers (x, y, z)")
+    need(len(cfg.world.chunk_vx) == 3 and min(cfg.world.chunk_vx) > 0, "world.chunk_vx must be 3 positive integers (x, y, z)")
+    need(0.0 <= cfg.world.difficulty <= 1.0, "world.difficulty must lie in [0, 1]")
+    need(
+        len(cfg.tables.position_resolution_nm) == 3 and min(cfg.tables.position_resolution_nm) > 0,
+        "tables.position_resolution_nm must be 3 positive numbers (x, y, z)",
+    )
+    need(len(cfg.cubes.shape_zyx) == 3 and min(cfg.cubes.shape_zyx) > 0, "cubes.shape_zyx must be 3 positive integers (z, y, x)")
+    need(cfg.cubes.shard_size > 0, "cubes.shard_size must be positive")
+    need(
+        len(cfg.split.fractions) == 3 and min(cfg.split.fractions) > 0 and abs(sum(cfg.split.fractions) - 1) < 1e-6,
+        "split.fractions must be 3 positive numbers (train, val, test) that sum to 1",
+    )
+    need(cfg.train.epochs > 0 and cfg.train.batch_size > 0, "train.epochs and train.batch_size must be positive")
+    need(cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive")
+    need(cfg.run.name.strip() != "" and "/" not in cfg.run.name, "run.name must be a non-empty folder name")
+    need(cfg.imagery.mip >= 0, "imagery.mip must be >= 0")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
