@@ -1,0 +1,37 @@
+"""Collect every run's summary.csv under a root into one table.
+
+Usage::
+
+    table, skipped = gather(Path("logs"))   # also writes logs/summary.csv
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from synhpc.evaluation import SUMMARY
+
+
+def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Concatenate ``<root>/*/summary.csv``; runs without one are listed as skipped."""
+    frames, skipped = [], []
+    for run in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        path = run / SUMMARY
+        if path.is_file():
+            frames.append(pd.read_csv(path))
+        elif (run / "config.yaml").is_file():
+            skipped.append(run.name)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if frames:
+        tmp = root / f".{SUMMARY}.tmp"
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, root / SUMMARY)
+    return table, skipped
+
+
+def format_table(table: pd.DataFrame) -> str:
+    cols = [c for c in ("run", "model", "level", "split", "n", "accuracy", "balanced_accuracy", "roc_auc", "mcc", "tau") if c in table]
+    return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")

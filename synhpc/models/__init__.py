@@ -1,0 +1,33 @@
+"""Model registry: every classifier is built by name from :class:`synhpc.config.ModelConfig`.
+
+Usage::
+
+    model = build_model(cfg.model, cube_shape_zyx=(16, 48, 48))   # logits of shape (batch,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from synhpc.config import ModelConfig
+from synhpc.errors import ConfigError
+from synhpc.models.small3d import Small3D
+
+Builder = Callable[[ModelConfig, Sequence[int]], nn.Module]
+
+REGISTRY: dict[str, Builder] = {
+    "small3d": lambda cfg, shape: Small3D(width=cfg.width, dropout=cfg.dropout),
+}
+# Smallest cube (z, y, x) each model accepts: its downsampling must leave at least one voxel.
+MIN_SHAPE: dict[str, tuple[int, int, int]] = {"small3d": (4, 16, 16)}
+
+
+def build_model(cfg: ModelConfig, cube_shape_zyx: Sequence[int]) -> nn.Module:
+    if cfg.name not in REGISTRY:
+        raise ConfigError(f"model.name: unknown model '{cfg.name}' (known: {', '.join(sorted(REGISTRY))})")
+    need = MIN_SHAPE[cfg.name]
+    if any(s < m for s, m in zip(cube_shape_zyx, need)):
+        raise ConfigError(f"cubes.shape_zyx {list(cube_shape_zyx)} is too small for model {cfg.name} (needs at least {list(need)})")
+    return REGISTRY[cfg.name](cfg, cube_shape_zyx)
