@@ -155,7 +155,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 optimizer.step()
             else:
                 skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             seen += len(targets)
             step += 1
             bar.update(1)
