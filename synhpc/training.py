@@ -71,9 +71,15 @@ def grads_finite(model: torch.nn.Module) -> bool:
 def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, batch_size: int, num_workers: int = 0) -> np.ndarray:
     """Logits for ``indices`` in order (eval mode, no augmentation)."""
     model.eval()
-    loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_private_generator())
     out = [model(normalize(cubes)).float() for cubes, _, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def _private_generator() -> torch.Generator:
+    """DataLoader iterators draw a seed from the global torch RNG unless given a generator; that draw would shift
+    the dropout stream of a resumed run (its loader is created after the checkpoint, not before)."""
+    return torch.Generator().manual_seed(0)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -110,6 +116,8 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     digest = training_digest(cfg)
 
     step, history, best, skipped = 0, [], {"balanced_accuracy": -1.0, "epoch": -1}, 0
+    # Loss summed over the epoch so far; checkpointed so a resumed epoch reports the same mean.
+    epoch_loss = {"sum": 0.0, "n": 0}
     state, path = load_latest(ckpt_dir)
     if state is not None:
         if state["digest"] != digest:
@@ -118,6 +126,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, history, best, skipped = state["step"], state["history"], state["best"], state["skipped_steps"]
+        epoch_loss = state["epoch_loss"]
         print(f"resuming from {path} at step {step}", flush=True)
 
     def snapshot() -> dict[str, Any]:
@@ -129,6 +138,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             "history": history,
             "best": best,
             "skipped_steps": skipped,
+            "epoch_loss": epoch_loss,
             "digest": digest,
         }
 
@@ -137,9 +147,11 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         epoch, first = divmod(step, per_epoch)
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(train_idx)
         positions = [list(range(b * batch, min((b + 1) * batch, len(order)))) for b in range(first, per_epoch)]
-        loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers)
+        loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
         model.train()
-        losses, seen, wait, started = [], 0, 0.0, time.perf_counter()
+        if first == 0:
+            epoch_loss = {"sum": 0.0, "n": 0}
+        seen, wait, started = 0, 0.0, time.perf_counter()
         fetched = time.perf_counter()
         for cubes, targets, _ in loader:
             wait += time.perf_counter() - fetched
@@ -155,7 +167,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 optimizer.step()
             else:
                 skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
-            losses.append(float(loss.detach()))
+            epoch_loss = {"sum": epoch_loss["sum"] + float(loss.detach()), "n": epoch_loss["n"] + 1}
             seen += len(targets)
             step += 1
             bar.update(1)
@@ -169,7 +181,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             "epoch": epoch,
             "step": step,
             "lr": learning_rate(cfg, step - 1, total),
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
             "val_balanced_accuracy": val["balanced_accuracy"],
             "val_roc_auc": val["roc_auc"],
             "samples_per_s": seen / seconds if seconds > 0 else math.nan,

@@ -36,3 +36,65 @@ def random_volume(tmp_path_factory) -> tuple[str, np.ndarray]:
     data = np.random.default_rng(7).integers(1, 256, size=(100, 90, 30), dtype=np.uint8)
     url = make_volume(tmp_path_factory.mktemp("vol") / "em", data)
     return url, data
+
+
+def write_labelled_world(root: Path, n_synapses: int = 300, n_neurons: int = 24, seed: int = 0) -> dict[str, str]:
+    """A small volume whose synapses are bright (inhibitory) or dark (excitatory) blobs, with matching tables.
+
+    Much simpler than :mod:`synhpc.world`; it keeps training tests fast and independent of the renderer.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    shape = (192, 192, 32)
+    data = rng.integers(100, 160, size=shape, dtype=np.uint8)
+    roots = 864691135000000000 + np.arange(n_neurons)
+    labels = np.arange(n_neurons) % 2
+    rows = []
+    for i in range(n_synapses):
+        k = int(rng.integers(n_neurons))
+        c = [int(rng.integers(2, s - 2)) for s in shape]
+        data[max(c[0] - 3, 0) : c[0] + 3, max(c[1] - 3, 0) : c[1] + 3, max(c[2] - 1, 0) : c[2] + 2] = 40 if labels[k] else 220
+        rows.append((10**8 + i, True, roots[k], 10**17 + i, 200, 2 * c[0], 2 * c[1], c[2]))
+    columns = ["id", "valid", "pre_pt_root_id", "post_pt_root_id", "size", "ctr_pt_position_x", "ctr_pt_position_y", "ctr_pt_position_z"]
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=columns).to_csv(root / "syn.csv.gz", index=False)
+    pd.DataFrame(
+        {
+            "pt_root_id": roots,
+            "classification_system": np.where(labels == 1, "excitatory_neuron", "inhibitory_neuron"),
+            "cell_type": np.where(labels == 1, "23P", "BC"),
+        }
+    ).to_csv(root / "cells.csv.gz", index=False)
+    url = make_volume(root / "em", data, chunk=(64, 64, 16))
+    return {"tables.synapses": str(root / "syn.csv.gz"), "tables.cell_types": str(root / "cells.csv.gz"), "imagery.url": url}
+
+
+def overrides(values: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+FAST_TRAINING = {
+    "cubes.shape_zyx": "[8, 24, 24]",
+    "cubes.shard_size": 64,
+    "model.width": 8,
+    "train.epochs": 3,
+    "train.batch_size": 16,
+    "train.checkpoint_every": 3,
+    "train.warmup_steps": 5,
+    "train.threads": 1,
+    "execution.executor": "debug",
+}
+
+
+@pytest.fixture(scope="session")
+def extracted_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run folder with extracted cubes (debug executor), and the overrides that describe it."""
+    from jobs.extract import run_extraction
+    from synhpc.config import load_config
+
+    root = tmp_path_factory.mktemp("labelled")
+    args = overrides(write_labelled_world(root / "world") | FAST_TRAINING | {"run.root": str(root / "logs"), "run.name": "base"})
+    cfg = load_config("configs/demo.yaml", args)
+    run_extraction(cfg, progress=False)
+    return cfg.run_dir, args

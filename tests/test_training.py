@@ -1,0 +1,98 @@
+"""Training resumes after SIGKILL with exactly the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from synhpc.checkpoint import checkpoints, load_latest, save_checkpoint
+
+ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
+
+
+def stage(stage_name: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synhpc", stage_name, "-c", "configs/demo.yaml", *args], capture_output=True, text=True, env=ENV, check=check)
+
+
+def clone_run(base: Path, name: str) -> Path:
+    """A new run that shares the base run's extracted cubes."""
+    target = base.parent / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    shutil.copytree(base / "cubes", target / "cubes")
+    return target
+
+
+def final_state(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    best = torch.load(run / "best.pt", weights_only=True)
+    summary = pd.read_csv(run / "summary.csv").drop(columns=["run"])
+    log = pd.read_csv(run / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction"])
+    return best, summary, log
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    best_a, summary_a, log_a = final_state(a)
+    best_b, summary_b, log_b = final_state(b)
+    assert best_a["step"] == best_b["step"]
+    for key, tensor in best_a["model"].items():
+        assert torch.equal(tensor, best_b["model"][key]), key
+    pd.testing.assert_frame_equal(summary_a, summary_b)
+    pd.testing.assert_frame_equal(log_a, log_b)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_restart_matches_uninterrupted(extracted_run):
+    base, args = extracted_run
+    reference = clone_run(base, "reference")
+    ref_args = [*args, "run.name=reference"]
+    stage("train", ref_args)
+    stage("evaluate", ref_args)
+    total = int(pd.read_csv(reference / "train_log.csv")["step"].iloc[-1])
+
+    rng = random.Random()
+    for trial in range(2):
+        name = f"killed{trial}"
+        killed = clone_run(base, name)
+        run_args = [*args, f"run.name={name}"]
+        target = rng.randrange(3, total - 1)
+        proc = subprocess.Popen([sys.executable, "-m", "synhpc", "train", "-c", "configs/demo.yaml", *run_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [int(p.stem.split("-")[1]) for p in checkpoints(killed / "checkpoints")]
+            if done and max(done) >= target:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.3)  # land somewhere inside a step, not just after a checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed; slow the run down"
+        resumed = stage("train", run_args)
+        assert "resuming from" in resumed.stdout
+        stage("evaluate", run_args)
+        assert_same_result(reference, killed)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    save_checkpoint(tmp_path, 3, {"step": 3})
+    save_checkpoint(tmp_path, 6, {"step": 6})
+    (tmp_path / "ckpt-00000006.pt").write_bytes(b"truncated")
+    state, path = load_latest(tmp_path)
+    assert state == {"step": 3} and path.name == "ckpt-00000003.pt"
+    assert "ckpt-00000006.pt is unreadable" in caplog.text
+
+
+def test_checkpoint_rotation_keeps_newest_two(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"step": step})
+    assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-00000004.pt", "ckpt-00000003.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
