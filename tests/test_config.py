@@ -14,7 +14,8 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     return text
 
 
-def test_demo_config_loads():
+def test_shipped_configs_load():
+    assert load_config("configs/microns.yaml").tables.materialization_version == 1300
     cfg = load_config("configs/demo.yaml")
     assert cfg.run.name == "demo" and cfg.cubes.shape_zyx == [16, 48, 48]
     assert cfg.tables.position_resolution_nm == [4.0, 4.0, 40.0]
