@@ -196,6 +196,12 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-3 (no dot) as a string; users mean a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
