@@ -32,6 +32,7 @@ from synhpc.datasets import SPLITS, CubeDataset, ShardSet
 from synhpc.errors import DataError
 from synhpc.metrics import binary_metrics
 from synhpc.models import build_model
+from synhpc.preemption import StopFlag
 from synhpc.transforms import augment, normalize, step_seed
 
 CKPT_DIR = "checkpoints"
@@ -143,58 +144,66 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         }
 
     bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress)
-    while step < total:
-        epoch, first = divmod(step, per_epoch)
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(train_idx)
-        positions = [list(range(b * batch, min((b + 1) * batch, len(order)))) for b in range(first, per_epoch)]
-        loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
-        model.train()
-        if first == 0:
-            epoch_loss = {"sum": 0.0, "n": 0}
-        seen, wait, started = 0, 0.0, time.perf_counter()
-        fetched = time.perf_counter()
-        for cubes, targets, _ in loader:
-            wait += time.perf_counter() - fetched
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, total)
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
-            x = normalize(augment(cubes, gen) if cfg.train.augment else cubes)
-            with autocast(cfg.train.precision, device):
-                loss = loss_fn(model(x).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grads_finite(model):
-                optimizer.step()
-            else:
-                skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
-            epoch_loss = {"sum": epoch_loss["sum"] + float(loss.detach()), "n": epoch_loss["n"] + 1}
-            seen += len(targets)
-            step += 1
-            bar.update(1)
-            if step % cfg.train.checkpoint_every == 0 and step % per_epoch != 0:
-                save_checkpoint(ckpt_dir, step, snapshot())
+    with StopFlag() as stop:
+        while step < total:
+            epoch, first = divmod(step, per_epoch)
+            order = np.random.default_rng([cfg.train.seed, epoch]).permutation(train_idx)
+            positions = [list(range(b * batch, min((b + 1) * batch, len(order)))) for b in range(first, per_epoch)]
+            loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
+            model.train()
+            if first == 0:
+                epoch_loss = {"sum": 0.0, "n": 0}
+            seen, wait, started = 0, 0.0, time.perf_counter()
             fetched = time.perf_counter()
-        seconds = time.perf_counter() - started
-        val_logits = predict_logits(model, data, val_idx, cfg.evaluate.batch_size)
-        val = binary_metrics(data.rows["label"][val_idx], _sigmoid(val_logits), 0.5)
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "lr": learning_rate(cfg, step - 1, total),
-            "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
-            "val_balanced_accuracy": val["balanced_accuracy"],
-            "val_roc_auc": val["roc_auc"],
-            "samples_per_s": seen / seconds if seconds > 0 else math.nan,
-            "data_wait_fraction": wait / seconds if seconds > 0 else math.nan,
-            "skipped_steps": skipped,
-        }
-        history = [*history, row]
-        if val["balanced_accuracy"] > best["balanced_accuracy"]:
-            best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
-            atomic_save({"model": model.state_dict(), "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
-        save_checkpoint(ckpt_dir, step, snapshot())
-        _write_log(run_dir, history)
-        bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
+            for cubes, targets, _ in loader:
+                wait += time.perf_counter() - fetched
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step, total)
+                gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
+                x = normalize(augment(cubes, gen) if cfg.train.augment else cubes)
+                with autocast(cfg.train.precision, device):
+                    loss = loss_fn(model(x).float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grads_finite(model):
+                    optimizer.step()
+                else:
+                    skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
+                epoch_loss = {"sum": epoch_loss["sum"] + float(loss.detach()), "n": epoch_loss["n"] + 1}
+                seen += len(targets)
+                step += 1
+                bar.update(1)
+                # An epoch's last step is checkpointed after validation, below, so resuming never skips it.
+                if (step % cfg.train.checkpoint_every == 0 or stop.requested) and step % per_epoch != 0:
+                    save_checkpoint(ckpt_dir, step, snapshot())
+                    if stop.requested:
+                        bar.close()
+                        stop.finish()
+                fetched = time.perf_counter()
+            seconds = time.perf_counter() - started
+            val_logits = predict_logits(model, data, val_idx, cfg.evaluate.batch_size)
+            val = binary_metrics(data.rows["label"][val_idx], _sigmoid(val_logits), 0.5)
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "lr": learning_rate(cfg, step - 1, total),
+                "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
+                "val_balanced_accuracy": val["balanced_accuracy"],
+                "val_roc_auc": val["roc_auc"],
+                "samples_per_s": seen / seconds if seconds > 0 else math.nan,
+                "data_wait_fraction": wait / seconds if seconds > 0 else math.nan,
+                "skipped_steps": skipped,
+            }
+            history = [*history, row]
+            if val["balanced_accuracy"] > best["balanced_accuracy"]:
+                best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
+                atomic_save({"model": model.state_dict(), "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
+            save_checkpoint(ckpt_dir, step, snapshot())
+            _write_log(run_dir, history)
+            bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
+            if stop.requested:
+                bar.close()
+                stop.finish()
     bar.close()
     if history:
         _write_log(run_dir, history)

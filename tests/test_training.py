@@ -50,18 +50,24 @@ def assert_same_result(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(log_a, log_b)
 
 
-@pytest.mark.slow
-def test_sigkill_anywhere_then_restart_matches_uninterrupted(extracted_run):
+@pytest.fixture(scope="module")
+def reference_run(extracted_run) -> tuple[Path, int]:
     base, args = extracted_run
     reference = clone_run(base, "reference")
     ref_args = [*args, "run.name=reference"]
     stage("train", ref_args)
     stage("evaluate", ref_args)
-    total = int(pd.read_csv(reference / "train_log.csv")["step"].iloc[-1])
+    return reference, int(pd.read_csv(reference / "train_log.csv")["step"].iloc[-1])
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, trials", [(signal.SIGKILL, 2), (signal.SIGTERM, 1), (signal.SIGUSR2, 1)], ids=["KILL", "TERM", "USR2"])
+def test_stop_anywhere_then_restart_matches_uninterrupted(extracted_run, reference_run, sig, trials):
+    base, args = extracted_run
+    reference, total = reference_run
     rng = random.Random()
-    for trial in range(2):
-        name = f"killed{trial}"
+    for trial in range(trials):
+        name = f"stopped-{sig.name}-{trial}"
         killed = clone_run(base, name)
         run_args = [*args, f"run.name={name}"]
         target = rng.randrange(3, total - 1)
@@ -73,9 +79,10 @@ def test_sigkill_anywhere_then_restart_matches_uninterrupted(extracted_run):
                 break
             time.sleep(0.01)
         time.sleep(rng.random() * 0.3)  # land somewhere inside a step, not just after a checkpoint
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
         proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed; slow the run down"
+        # SIGKILL kills outright; TERM/USR2 finish the step, checkpoint and exit with 128 + signal.
+        assert proc.returncode in (-sig, 128 + sig), f"training ended with {proc.returncode} before the signal; slow the run down"
         resumed = stage("train", run_args)
         assert "resuming from" in resumed.stdout
         stage("evaluate", run_args)
