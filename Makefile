@@ -32,3 +32,10 @@ test: install-test
 
 bench: install
 	$(VENV)/bin/synhpc bench extract -c $(CONFIG)
+
+# A single-node SLURM on loopback (slurm-wlm, munge, slurmdbd + mariadb for sacct); needs root.
+slurm-up:
+	bash slurm/cluster.sh up
+
+slurm-down:
+	bash slurm/cluster.sh down

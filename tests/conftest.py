@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture: a real SLURM cluster, or a skip)
 
 
 def make_volume(path: Path, data_xyz: np.ndarray, resolution=(8, 8, 40), chunk=(32, 32, 8), offset=(0, 0, 0)) -> str:
