@@ -128,7 +128,10 @@ class TrainConfig:
 class EvaluateConfig:
     threshold_metric: Literal["balanced_accuracy", "f1", "youden"] = "balanced_accuracy"
     batch_size: int = 64
-    tta: bool = False
+    tta_views: Literal[1, 8, 16] = 8  # 1 = no TTA; 8 in-plane dihedral views; 16 adds a z flip
+    checkpoint: str = ""  # a model file to evaluate instead of <run>/best.pt
+    bootstrap: int = 1000  # resamples of presynaptic neurons for 95% CIs; 0 = none
+    baselines: bool = True
 
 
 @dataclass

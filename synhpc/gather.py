@@ -33,5 +33,11 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    cols = [c for c in ("run", "model", "level", "split", "n", "accuracy", "balanced_accuracy", "roc_auc", "mcc", "tau") if c in table]
-    return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    """A readable table; balanced accuracy carries its 95% CI over neurons when the summary has one."""
+    shown = table.copy()
+    if {"balanced_accuracy_lo", "balanced_accuracy_hi"} <= set(shown.columns):
+        shown["bal_acc_95ci"] = [
+            f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "" for lo, hi in zip(shown["balanced_accuracy_lo"], shown["balanced_accuracy_hi"])
+        ]
+    cols = [c for c in ("run", "model", "level", "split", "n", "accuracy", "balanced_accuracy", "bal_acc_95ci", "roc_auc", "mcc", "tau") if c in shown]
+    return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -34,6 +34,7 @@ from synhpc.metrics import binary_metrics
 from synhpc.models import build_model
 from synhpc.preemption import StopFlag
 from synhpc.transforms import augment, normalize, step_seed
+from synhpc.tta import predict_tta
 
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
@@ -69,11 +70,11 @@ def grads_finite(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, batch_size: int, num_workers: int = 0) -> np.ndarray:
-    """Logits for ``indices`` in order (eval mode, no augmentation)."""
+def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, batch_size: int, num_workers: int = 0, views: int = 1) -> np.ndarray:
+    """Logits for ``indices`` in order (eval mode), averaged over ``views`` test-time dihedral views."""
     model.eval()
     loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_private_generator())
-    out = [model(normalize(cubes)).float() for cubes, _, _ in loader]
+    out = [predict_tta(model, normalize(cubes), views=views).float() for cubes, _, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
