@@ -1,6 +1,6 @@
 """``synhpc <stage> -c CONFIG [dotted.key=value ...]``: the pipeline's stages behind one command.
 
-Stages: world, extract, train, evaluate, gather, demo (all of them in order).
+Stages: world, extract, train, evaluate, gather, demo (all of them in order); on SLURM: submit, status, extract-task.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ STAGES: dict[str, str] = {
     "evaluate": "choose the threshold on validation, apply it to test, write summary.csv and plots",
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
     "demo": "world -> extract -> train -> evaluate -> gather on the configured (synthetic) data",
+    "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
+    "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
+    "extract-task": "extract the given shards of a prepared run folder (what an array task runs)",
 }
 
 
@@ -97,7 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "status":
+            p.add_argument("run_dir", metavar="RUN_DIR")
+            continue
+        if name == "extract-task":
+            p.add_argument("run_dir", metavar="RUN_DIR")
+            p.add_argument("shards", nargs="+", type=int, metavar="SHARD")
+            continue
         p.add_argument("-c", "--config", default=None, help="YAML config (default: built-in defaults = the demo)")
+        if name == "submit":
+            p.add_argument("--profile", default="local", help="cluster profile: slurm/profiles/NAME.yaml or a path [local]")
+            p.add_argument("--until", default="gather", choices=["extract", "index", "train", "evaluate", "gather"], help="last stage to submit [gather]")
+            p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides; profile.KEY=VALUE overrides the profile (profile.account=mylab)")
+            continue
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, e.g. train.epochs=2")
     return parser
 
@@ -106,6 +121,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.stage == "status":
+            from jobs.status import status
+
+            print(status(args.run_dir))
+            return 0
+        if args.stage == "extract-task":
+            from jobs.extract_cli import extract_task
+
+            print(f"extract-task: {extract_task(args.run_dir, args.shards)} cubes")
+            return 0
+        if args.stage == "submit":
+            from jobs.submit import submit_command
+
+            print(submit_command(args.config, args.profile, args.overrides, args.until))
+            return 0
         cfg = load_config(args.config, args.overrides)
         HANDLERS[args.stage](cfg)
     except SynhpcError as exc:

@@ -22,13 +22,13 @@ from synhpc.bootstrap import neuron_bootstrap_ci, neuron_metric, synapse_metric
 from synhpc.config import Config
 from synhpc.datasets import SPLITS, ShardSet
 from synhpc.errors import DataError
+from synhpc.gather import SUMMARY
 from synhpc.manifest import read_manifest
 from synhpc.metrics import binary_metrics, choose_threshold
 from synhpc.models import build_model
 from synhpc.neuron_curve import accuracy_vs_synapses
 from synhpc.training import BEST, TRAIN_LOG, predict_logits, training_digest
 
-SUMMARY = "summary.csv"
 PREDICTIONS = "predictions.csv"
 TAU_SWEEP = "tau_sweep.csv"
 NEURON_LEVEL = "neuron_level.csv"

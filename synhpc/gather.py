@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from synhpc.evaluation import SUMMARY
+SUMMARY = "summary.csv"  # defined here, not in evaluation, so gather (login node) never imports torch
 
 
 def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
