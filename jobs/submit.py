@@ -27,6 +27,7 @@ import pandas as pd
 import submitit
 
 from jobs.extract import prepare, run_task
+from jobs.plan import array_chunks, cluster_max_array_size
 from jobs.profiles import STAGES, Profile, check_submittable, executor_options, job_folder, stage_parameters
 from jobs.status import JOBS_CSV, evaluation_current, read_jobs, training_progress
 from jobs.train import TrainJob
@@ -61,13 +62,11 @@ def index_task(run_dir: str) -> int:
 
 
 def max_array_size() -> int:
-    """The cluster's MaxArraySize from ``scontrol show config`` (array indices must stay below it)."""
-    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False)
-    for line in proc.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "MaxArraySize":
-            return int(value.strip())
-    raise SubmitError(f"could not read MaxArraySize from `scontrol show config` ({proc.stderr.strip() or 'no such line'})")
+    """The cluster's MaxArraySize (array indices must stay below it); submitting without it would be a guess."""
+    value = cluster_max_array_size()
+    if value is None:
+        raise SubmitError("could not read MaxArraySize from `scontrol show config`; is SLURM reachable from here?")
+    return value
 
 
 def _queue(job_ids: list[str]) -> list[tuple[str, str, str, str]]:
@@ -131,10 +130,6 @@ def _afterok(job_ids: list[str]) -> str:
     return "afterok:" + ":".join(bases) if bases else ""
 
 
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> pd.DataFrame:
     """Submit every stage that is not done, up to and including ``until``; return (and append to jobs.csv) the jobs.
 
@@ -179,7 +174,8 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
         if missing and "extract" in wanted:
             # Indices run 0..MaxArraySize-1, so one array holds at most MaxArraySize tasks; submitit does not split.
             folder = job_folder(profile, run_dir, "extract")
-            for part in _chunks(missing, max_array_size()):
+            for ids in array_chunks(len(missing), max_array_size()):
+                part = missing[ids.start : ids.stop]
                 executor = make_stage_executor(profile, "extract", folder)
                 try:
                     jobs = executor.map_array(run_task, [run] * len(part), [[s] for s in part])

@@ -21,6 +21,8 @@ STAGES: dict[str, str] = {
     "evaluate": "choose the threshold on validation, apply it to test, write summary.csv and plots",
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
     "demo": "world -> extract -> train -> evaluate -> gather on the configured (synthetic) data",
+    "plan": "counts per split and class, shards, SLURM arrays, storage and time for an extraction",
+    "bench": "benchmarks: `bench extract` (naive vs synhpc vs chunk-read limit, compression)",
     "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
     "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
     "extract-task": "extract the given shards of a prepared run folder (what an array task runs)",
@@ -78,6 +80,24 @@ def stage_gather(cfg: Config) -> None:
     print(f"gather: {len(table)} rows -> {Path(cfg.run.root) / 'summary.csv'}")
 
 
+def stage_plan(cfg: Config) -> None:
+    from jobs.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(cfg)))
+
+
+def stage_bench_extract(cfg: Config) -> None:
+    from synhpc.bench import bench_extract
+
+    out = cfg.run_dir / "bench"
+    frame = bench_extract(cfg, out)
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"bench: {out / 'bench_extract.csv'} and {out / 'bench_extract.json'}")
+
+
+BENCHES: dict[str, Callable[[Config], None]] = {"extract": stage_bench_extract}
+
+
 def stage_demo(cfg: Config) -> None:
     start = time.perf_counter()
     for stage in (stage_world, stage_extract, stage_train, stage_evaluate, stage_gather):
@@ -92,7 +112,13 @@ HANDLERS: dict[str, Callable[[Config], None]] = {
     "evaluate": stage_evaluate,
     "gather": stage_gather,
     "demo": stage_demo,
+    "plan": stage_plan,
 }
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help="YAML config (default: built-in defaults = the demo)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, e.g. train.epochs=2 (submit: profile.KEY=VALUE overrides the profile)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run_dir", metavar="RUN_DIR")
             p.add_argument("shards", nargs="+", type=int, metavar="SHARD")
             continue
-        p.add_argument("-c", "--config", default=None, help="YAML config (default: built-in defaults = the demo)")
+        if name == "bench":
+            kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+            for kind in sorted(BENCHES):
+                _add_config_arguments(kinds.add_parser(kind, help=f"benchmark {kind}"))
+            continue
         if name == "submit":
             p.add_argument("--profile", default="local", help="cluster profile: slurm/profiles/NAME.yaml or a path [local]")
             p.add_argument("--until", default="gather", choices=["extract", "index", "train", "evaluate", "gather"], help="last stage to submit [gather]")
-            p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides; profile.KEY=VALUE overrides the profile (profile.account=mylab)")
-            continue
-        p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, e.g. train.epochs=2")
+        _add_config_arguments(p)
     return parser
 
 
@@ -137,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(submit_command(args.config, args.profile, args.overrides, args.until))
             return 0
         cfg = load_config(args.config, args.overrides)
-        HANDLERS[args.stage](cfg)
+        handler = BENCHES[args.kind] if args.stage == "bench" else HANDLERS[args.stage]
+        handler(cfg)
     except SynhpcError as exc:
         print(f"synhpc {args.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import pandas as pd
 from synhpc import __version__
 from synhpc.config import Config
 from synhpc.imagery import CubeReader
-from synhpc.shards import shard_complete, shard_name, write_shard
+from synhpc.shards import remove_stale_temps, shard_complete, shard_name, write_shard
 
 CUBES_DIR = "cubes"
 
@@ -46,6 +46,7 @@ def extract_shard(cfg: Config, manifest: pd.DataFrame, shard: int, provenance: d
     centers = rows[["cx", "cy", "cz"]].to_numpy(np.int64)
     cubes, edge = reader.cubes(centers, cfg.cubes.shape_zyx)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     write_shard(
         out,
         cubes,

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,9 +67,13 @@ def compression_options(name: str) -> dict[str, Any]:
 def write_shard(
     path: Path, cubes: np.ndarray, rows: Mapping[str, np.ndarray], attrs: Mapping[str, Any], compression: str = "none"
 ) -> None:
-    """Write a shard atomically: temp file in the same folder, fsync, ``os.replace``."""
+    """Write a shard atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    The temp name carries host, pid and a random part: a requeued task can run twice on two nodes with the same
+    pid, and two writers must never truncate each other's file.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("cube", data=cubes, chunks=(1, *cubes.shape[1:]), **compression_options(compression))
@@ -81,6 +88,20 @@ def write_shard(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: Path, older_than_s: float = 6 * 3600) -> int:
+    """Delete temp files a killed writer of ``path`` left behind; younger ones may belong to a live writer
+    (checkpoint-partition jobs live 4-9 h, so 6 h without a write means dead)."""
+    removed = 0
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > older_than_s:
+                stale.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def shard_complete(path: Path, expected_n: int | None = None) -> bool:

@@ -33,7 +33,7 @@ def assign_splits(frame: pd.DataFrame, fractions: Sequence[float], seed: int) ->
     counts = frame.groupby(["label", "pre_root_id"]).size()
     for label in sorted(frame["label"].unique()):
         per_root = counts.loc[label]
-        roots = per_root.index.to_numpy()
+        roots, sizes = per_root.index.to_numpy(), per_root.to_numpy()
         name = "excitatory" if label == 1 else "inhibitory"
         if len(roots) < len(targets):
             raise DataError(
@@ -41,16 +41,16 @@ def assign_splits(frame: pd.DataFrame, fractions: Sequence[float], seed: int) ->
             )
         order = rng.permutation(len(roots))
         filled = np.zeros(len(targets))
-        total = per_root.sum()
+        total = sizes.sum()
         # Seed val and test with one neuron each first so no split can end up without this class.
         for split, i in zip((1, 2), order[:2]):
             split_of_root[int(roots[i])] = split
-            filled[split] += per_root.iloc[i]
+            filled[split] += sizes[i]
         for i in order[2:]:
             deficit = targets * total - filled
             split = int(np.argmax(deficit))
             split_of_root[int(roots[i])] = split
-            filled[split] += per_root.iloc[i]
+            filled[split] += sizes[i]
     split = frame["pre_root_id"].map(split_of_root).to_numpy().astype(np.int8)
     check_splits(frame["pre_root_id"].to_numpy(), frame["label"].to_numpy(), split)
     return split

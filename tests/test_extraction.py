@@ -79,3 +79,21 @@ def test_unreachable_imagery_is_one_line_error(extracted_run, tmp_path):
     cfg = load_config("configs/demo.yaml", [*args, f"imagery.url=file://{tmp_path}/nothing", f"run.root={tmp_path}"])
     with pytest.raises(DataError, match="no precomputed volume there"):
         run_extraction(cfg, progress=False)
+
+
+def test_stale_temp_files_are_removed_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    from synhpc.shards import remove_stale_temps
+
+    target = tmp_path / "shard-00003.h5"
+    old, fresh = tmp_path / ".shard-00003.h5.node1.10.aaaaaaaa.tmp", tmp_path / ".shard-00003.h5.node2.11.bbbbbbbb.tmp"
+    unrelated = tmp_path / ".shard-00004.h5.node1.10.cccccccc.tmp"
+    for p in (old, fresh, unrelated):
+        p.write_bytes(b"partial")
+    week_ago = time.time() - 7 * 86400
+    os.utime(old, (week_ago, week_ago))
+    os.utime(unrelated, (week_ago, week_ago))
+    assert remove_stale_temps(target) == 1
+    assert not old.exists() and fresh.exists() and unrelated.exists()

@@ -77,16 +77,16 @@ def test_nonzero_voxel_offset(tmp_path):
 
 
 def test_each_chunk_read_once(random_volume, monkeypatch):
+    import synhpc.imagery as imagery
+
     url, _ = random_volume
     reader = CubeReader(url, threads=1)
-    calls = []
-    original = reader._download
-    monkeypatch.setattr(reader, "_download", lambda lo, hi: calls.append((tuple(lo), tuple(hi))) or original(lo, hi))
+    reads = []
+    original = imagery._read_local
+    monkeypatch.setattr(imagery, "_read_local", lambda path: reads.append(path.rsplit("/", 1)[1]) or original(path))
     centers = np.array([[40, 40, 12], [42, 41, 13], [44, 40, 11], [45, 45, 12]])  # heavily overlapping cubes
+    lo, hi = cube_bounds(centers, (8, 16, 16))
     reader.cubes(centers, (8, 16, 16))
-    covered = []
-    for lo, hi in calls:
-        for x in range(lo[0], hi[0], 32):
-            covered.append((x // 32, lo[1] // 32, lo[2] // 8))
-    assert len(covered) == len(set(covered))
-    assert set(covered) == {tuple(c) for c in reader.needed_chunks(*cube_bounds(centers, (8, 16, 16))).tolist()}
+    assert len(reads) == len(set(reads))
+    expected = {f"{32 * x}-{min(32 * x + 32, 100)}_{32 * y}-{min(32 * y + 32, 90)}_{8 * z}-{min(8 * z + 8, 30)}" for x, y, z in reader.needed_chunks(lo, hi).tolist()}
+    assert set(reads) == expected and len(expected) == 3
