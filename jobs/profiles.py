@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from synhpc.config import _build, _set_dotted, parse_override
+from synhpc.config import from_dict, parse_override, set_dotted
 from synhpc.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
@@ -119,15 +119,15 @@ def load_profile(name: str = "local", overrides: list[str] | tuple[str, ...] = (
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     source = f"profile {path.name}"
-    profile = _build(Profile, data, "", source)
+    profile = from_dict(Profile, data, "", source)
     if overrides:
         import dataclasses
 
         merged = dataclasses.asdict(profile)
         for text in overrides:
             key, value = parse_override(text)
-            _set_dotted(merged, key, value)
-        profile = _build(Profile, merged, "", f"profile {path.name} override")
+            set_dotted(merged, key, value)
+        profile = from_dict(Profile, merged, "", f"profile {path.name} override")
     _validate(profile)
     return profile
 

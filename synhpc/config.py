@@ -157,9 +157,12 @@ class Config:
     def digest(self, *sections: str) -> str:
         """A short stable hash of the named sections (all when none), for provenance and cache keys."""
         data = self.to_dict()
-        if sections:
-            data = {s: data[s] for s in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return digest_of({s: data[s] for s in sections} if sections else data)
+
+
+def digest_of(data: Any) -> str:
+    """A short stable hash of JSON-able data (key order does not matter)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:
@@ -215,7 +218,8 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} at {where}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    """Build dataclass ``cls`` from nested ``data``, checking keys and types; errors name ``source`` and the key."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -225,7 +229,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
             raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(str(key), names, prefix)}")
         hint = hints[key]
         value = _check_value(value, hint, f"{source}: {dotted}")
-        kwargs[key] = _build(hint, value, f"{dotted}.", source) if dataclasses.is_dataclass(hint) else value
+        kwargs[key] = from_dict(hint, value, f"{dotted}.", source) if dataclasses.is_dataclass(hint) else value
     return cls(**kwargs)
 
 
@@ -234,7 +238,8 @@ def _suggest(key: str, names: list[str], prefix: str) -> str:
     return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys under '{prefix or '.'}': {', '.join(names)})"
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.epochs", 3)`` sets ``d["train"]["epochs"] = 3``, creating sections as needed."""
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
@@ -277,13 +282,13 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = loaded
-    cfg = _build(Config, data, "", source)
+    cfg = from_dict(Config, data, "", source)
     if overrides:
         merged = cfg.to_dict()
         for text in overrides:
             key, value = parse_override(text)
-            _set_dotted(merged, key, value)
-        cfg = _build(Config, merged, "", "override")
+            set_dotted(merged, key, value)
+        cfg = from_dict(Config, merged, "", "override")
     _validate(cfg)
     return cfg
 

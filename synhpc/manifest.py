@@ -10,7 +10,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from synhpc import __version__
-from synhpc.config import Config
+from synhpc.config import Config, digest_of
 from synhpc.errors import DataError
 from synhpc.geometry import to_voxels
 from synhpc.imagery import open_volume
@@ -38,7 +37,7 @@ def extraction_digest(cfg: Config) -> str:
     imagery = {k: v for k, v in data["imagery"].items() if k not in ("threads", "retries")}
     cubes = {k: v for k, v in data["cubes"].items() if k != "compression"}
     keyed = {"tables": data["tables"], "imagery": imagery, "cubes": cubes, "split": data["split"]}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    return digest_of(keyed)
 
 
 def morton_order(cells: np.ndarray) -> np.ndarray:

@@ -11,8 +11,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -27,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
-from synhpc.config import Config
+from synhpc.config import Config, digest_of
 from synhpc.datasets import SPLITS, CubeDataset, ShardSet
 from synhpc.errors import DataError
 from synhpc.metrics import binary_metrics
@@ -46,7 +44,7 @@ def training_digest(cfg: Config) -> str:
     data = cfg.to_dict()
     train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads")}
     keyed = {"model": data["model"], "train": train, "cubes": data["cubes"]["shape_zyx"]}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    return digest_of(keyed)
 
 
 def learning_rate(cfg: Config, step: int, total: int) -> float:

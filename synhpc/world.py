@@ -6,7 +6,7 @@ is a Neuroglancer precomputed image layer (mip 0 at 8x8x40 nm, mip 1 at 16x16x40
 
 Usage::
 
-    from synhpc.config import WorldConfig
+    from synhpc.config import WorldConfig, digest_of
     root = build_world(WorldConfig(path="logs/world", seed=0))   # skips work when root/world.json matches
 
 Rendering model (all geometry in physical nm, so a random 3D cleft normal crosses the 40 nm sections correctly):
@@ -20,7 +20,6 @@ sides, flattened pleomorphic vesicles). ``difficulty`` pulls both classes toward
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from synhpc.config import WorldConfig
+from synhpc.config import WorldConfig, digest_of
 from synhpc.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -78,8 +77,8 @@ _Num = TypeVar("_Num", float, np.ndarray)
 
 
 def config_digest(cfg: WorldConfig) -> str:
-    """sha256 of the config as sorted JSON: the key recorded in world.json."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
+    """Hash of the config as sorted JSON: the key recorded in world.json."""
+    return digest_of(dataclasses.asdict(cfg))
 
 
 @dataclass

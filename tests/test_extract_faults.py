@@ -29,7 +29,6 @@ from synhpc.cubes import CUBES_DIR
 from synhpc.shards import shard_complete, shard_name
 
 BASE_SEED = int(os.environ.get("SYNHPC_FAULT_SEED", "20260601"))
-MAX_DELAY_S = 1.5
 # Small, many shards with compression so kills often land inside a shard's write.
 FAULT_RUN = {
     "cubes.shape_zyx": "[8, 32, 32]",
@@ -107,6 +106,21 @@ def _warm_task() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WARM_TASK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
 
 
+def _task_seconds(run_dir: Path, shards: list[int]) -> float:
+    """Wall time of one whole task after its imports; its shards are removed again. Kill delays are drawn inside
+    it, however fast extraction gets."""
+    import json
+
+    timing = _warm_task()
+    assert timing.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    timing.communicate(json.dumps([str(run_dir), shards]) + "\n")
+    seconds = time.monotonic() - started
+    for path in (run_dir / CUBES_DIR).glob("shard-*.h5"):
+        path.unlink()
+    return seconds
+
+
 def test_sigkill_never_leaves_a_partial_shard(fault_world):
     import json
 
@@ -118,6 +132,7 @@ def test_sigkill_never_leaves_a_partial_shard(fault_world):
     shards = sorted(sizes)
     kills = mid_write = 0
     trials = 20
+    max_delay = 0.8 * _task_seconds(cfg.run_dir, shards)
     upcoming = _warm_task()
     try:
         for trial in range(trials):
@@ -135,7 +150,7 @@ def test_sigkill_never_leaves_a_partial_shard(fault_world):
             assert proc.stdout.readline().strip() == "ready"
             proc.stdin.write(json.dumps([str(cfg.run_dir), order]) + "\n")
             proc.stdin.flush()
-            time.sleep(rng.uniform(0.0, MAX_DELAY_S))
+            time.sleep(rng.uniform(0.0, max_delay))
             proc.send_signal(signal.SIGKILL)
             kills += proc.wait() == -signal.SIGKILL
             proc.stdin.close()
@@ -168,6 +183,7 @@ def test_sigkill_of_the_job_command(fault_world):
         f"run_task({str(cfg.run_dir)!r}, {shards!r})"
     )
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    max_delay = 0.8 * _task_seconds(cfg.run_dir, shards)
     kills = 0
     for trial in range(2):
         seed = BASE_SEED + 100 + trial
@@ -176,7 +192,7 @@ def test_sigkill_of_the_job_command(fault_world):
             path.unlink()  # leave the task enough work that the kill lands
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, MAX_DELAY_S))
+        time.sleep(rng.uniform(0.0, max_delay))
         proc.send_signal(signal.SIGKILL)
         kills += proc.wait() == -signal.SIGKILL
         proc.stdout.close()

@@ -20,16 +20,19 @@ from synhpc.checkpoint import checkpoints, load_latest, save_checkpoint
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 
 
-def stage(stage_name: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "synhpc", stage_name, "-c", "configs/demo.yaml", *args], capture_output=True, text=True, env=ENV, check=check)
+def stage(stage_name: str, args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "synhpc", stage_name, "-c", "configs/demo.yaml", *args], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, f"synhpc {stage_name} failed: {proc.stderr.strip().splitlines()[-1:]}"
+    return proc
 
 
 def clone_run(base: Path, name: str) -> Path:
-    """A new run that shares the base run's extracted cubes."""
+    """A new run that shares the base run's extracted cubes and manifest."""
     target = base.parent / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     shutil.copytree(base / "cubes", target / "cubes")
+    shutil.copy(base / "synapses.csv", target / "synapses.csv")
     return target
 
 
