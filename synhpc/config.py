@@ -94,6 +94,33 @@ class SplitConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Which augmentations run during training and how strongly (probabilities are per cube or per section);
+    see :mod:`synhpc.augment`."""
+
+    enabled: bool = True
+
+    flip_rot90: bool = True
+    elastic_p: float = 0.0
+    elastic_sigma: float = 2.0
+    elastic_spacing: int = 16
+    elastic_per_section: bool = True
+    misalign_p: float = 0.03
+    misalign_max_shift: int = 4
+    missing_p: float = 0.01
+    missing_fill: Literal["zero", "mean", "mixed"] = "mixed"
+    intensity_p: float = 0.8
+    # nnU-Net draws noise for 10% of samples; noise is the dearest step on a CPU (a normal draw per voxel).
+    noise_p: float = 0.25
+    gamma: float = 0.3
+    contrast: float = 0.2
+    brightness: float = 0.1
+    noise: float = 0.03
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = 0.4
+
+
+@dataclass
 class ExecutionConfig:
     executor: Literal["local", "debug", "slurm"] = "local"
     max_parallel: int = 2
@@ -120,7 +147,14 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    augment: bool = True
+    channels_last: bool = False  # channels_last_3d activations (helps cuDNN on GPUs; nothing on CPU)
+    loss: Literal["balanced_bce", "focal"] = "balanced_bce"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    label_smoothing: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    ema_decay: float = 0.999  # 0 = no EMA; the decay warms up as min(decay, (1 + t) / (10 + t))
     seed: int = 0
 
 
@@ -146,6 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -315,6 +350,8 @@ def _validate(cfg: Config) -> None:
     )
     need(cfg.train.epochs > 0 and cfg.train.batch_size > 0, "train.epochs and train.batch_size must be positive")
     need(cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive")
+    need(cfg.train.grad_accum > 0, "train.grad_accum must be positive")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must lie in [0, 1)")
     need(cfg.run.name.strip() != "" and "/" not in cfg.run.name, "run.name must be a non-empty folder name")
     need(cfg.imagery.mip >= 0, "imagery.mip must be >= 0")
 

@@ -67,8 +67,8 @@ def load_model(cfg: Config) -> torch.nn.Module:
     if state.get("digest") != training_digest(cfg):
         raise DataError(f"{path}: model was trained with a different model/training config than this one")
     model = build_model(cfg.model, cfg.cubes.shape_zyx)
-    model.load_state_dict(state["model"])
-    return model
+    model.load_state_dict(state["model"])  # the EMA weights when training kept an average
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def neuron_level(pred: pd.DataFrame) -> pd.DataFrame:

@@ -11,9 +11,11 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from synhpc.augment import apply, mix, normalize, step_seed
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
 from synhpc.config import Config, digest_of
 from synhpc.datasets import SPLITS, CubeDataset, ShardSet
+from synhpc.ema import EMA
 from synhpc.errors import DataError
+from synhpc.losses import balanced_bce, focal_loss, soft_targets
 from synhpc.metrics import binary_metrics
 from synhpc.models import build_model
 from synhpc.preemption import StopFlag
-from synhpc.transforms import augment, normalize, step_seed
 from synhpc.tta import predict_tta
 
 CKPT_DIR = "checkpoints"
@@ -42,8 +46,9 @@ TRAIN_LOG = "train_log.csv"
 def training_digest(cfg: Config) -> str:
     """What a checkpoint must agree with to be resumed: model, training recipe and data."""
     data = cfg.to_dict()
-    train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads")}
-    keyed = {"model": data["model"], "train": train, "cubes": data["cubes"]["shape_zyx"]}
+    # How often to checkpoint and how many workers/threads to use do not change what is learned.
+    train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads", "checkpoint_every")}
+    keyed = {"model": data["model"], "train": train, "augment": data["augment"], "cubes": data["cubes"]["shape_zyx"]}
     return digest_of(keyed)
 
 
@@ -71,8 +76,9 @@ def grads_finite(model: torch.nn.Module) -> bool:
 def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, batch_size: int, num_workers: int = 0, views: int = 1) -> np.ndarray:
     """Logits for ``indices`` in order (eval mode), averaged over ``views`` test-time dihedral views."""
     model.eval()
+    device = next(model.parameters()).device
     loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_private_generator())
-    out = [predict_tta(model, normalize(cubes), views=views).float() for cubes, _, _ in loader]
+    out = [predict_tta(model, normalize(cubes.to(device)), views=views).float().cpu() for cubes, _, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -92,12 +98,24 @@ def _write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, run_dir / TRAIN_LOG)
 
 
+def make_loss(cfg: Config, n_pos: int, n_neg: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Class-balanced BCE (weights from training counts) or focal loss; targets may be soft (mixing, smoothing)."""
+    if cfg.train.loss == "focal":
+        return lambda logits, targets: focal_loss(logits, targets, cfg.train.focal_gamma, cfg.train.focal_alpha)
+    return balanced_bce(n_neg / n_pos)
+
+
 def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume training) the configured model on the run's train split; validation picks the best epoch."""
+    """Train (or resume training) the configured model on the run's train split; validation picks the best epoch.
+
+    ``step`` counts micro-batches; the optimizer steps every ``train.grad_accum`` of them (and at epoch end), and
+    checkpoints fall only on those boundaries, so no half-accumulated gradient is ever lost or duplicated.
+    """
     torch.set_num_threads(cfg.train.threads)
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / CKPT_DIR
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
     data = ShardSet(run_dir / "cubes")
     train_idx, val_idx = data.indices(SPLITS["train"]), data.indices(SPLITS["val"])
     labels = data.rows["label"][train_idx]
@@ -106,11 +124,14 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise DataError(f"{run_dir}: the train split holds only one class (excitatory {n_pos}, inhibitory {n_neg})")
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.cubes.shape_zyx).to(device)
+    model = build_model(cfg.model, cfg.cubes.shape_zyx).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    # Class-balanced BCE: the loss weighs both classes equally whatever their synapse counts.
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(n_neg / n_pos))
-    batch = cfg.train.batch_size
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    # Validation (and best.pt) use the averaged weights when there are any: they are what evaluation scores.
+    scored = copy.deepcopy(model) if ema is not None else model
+    loss_fn = make_loss(cfg, n_pos, n_neg)
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     per_epoch = math.ceil(len(train_idx) / batch)
     total = per_epoch * cfg.train.epochs
     digest = training_digest(cfg)
@@ -124,6 +145,9 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             raise DataError(f"{path}: checkpoint was written by a different model/training config; use a new run.name")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         step, history, best, skipped = state["step"], state["history"], state["best"], state["skipped_steps"]
         epoch_loss = state["epoch_loss"]
@@ -133,6 +157,8 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "torch_rng": torch.get_rng_state(),
             "step": step,
             "history": history,
@@ -142,6 +168,20 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             "digest": digest,
         }
 
+    def optimizer_step() -> None:
+        nonlocal skipped
+        scaler.unscale_(optimizer)
+        if grads_finite(model):
+            if cfg.train.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+            scaler.step(optimizer)
+            if ema is not None:
+                ema.update(model)
+        else:
+            skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
     bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress)
     with StopFlag() as stop:
         while step < total:
@@ -150,53 +190,67 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             positions = [list(range(b * batch, min((b + 1) * batch, len(order)))) for b in range(first, per_epoch)]
             loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
             model.train()
+            optimizer.zero_grad(set_to_none=True)
             if first == 0:
                 epoch_loss = {"sum": 0.0, "n": 0}
-            seen, wait, started = 0, 0.0, time.perf_counter()
+            seen, wait, started, skipped_before = 0, 0.0, time.perf_counter(), skipped
             fetched = time.perf_counter()
             for cubes, targets, _ in loader:
                 wait += time.perf_counter() - fetched
+                update = epoch * math.ceil(per_epoch / accum) + (step - epoch * per_epoch) // accum
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, total)
+                    group["lr"] = learning_rate(cfg, update, total_updates(cfg, per_epoch))
                 gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
-                x = normalize(augment(cubes, gen) if cfg.train.augment else cubes)
+                cubes, targets = cubes.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                x, y = mix(normalize(apply(cubes, cfg.augment, gen)), targets, cfg.augment, gen)
+                if cfg.train.label_smoothing > 0:
+                    y = soft_targets(y, cfg.train.label_smoothing)
                 with autocast(cfg.train.precision, device):
-                    loss = loss_fn(model(x).float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grads_finite(model):
-                    optimizer.step()
-                else:
-                    skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
+                    loss = loss_fn(model(x.contiguous(memory_format=layout)).float(), y)
+                scaler.scale(loss / accum).backward()
+                step += 1
+                in_epoch = step - epoch * per_epoch
+                if in_epoch % accum == 0 or in_epoch == per_epoch:
+                    optimizer_step()
                 epoch_loss = {"sum": epoch_loss["sum"] + float(loss.detach()), "n": epoch_loss["n"] + 1}
                 seen += len(targets)
-                step += 1
                 bar.update(1)
                 # An epoch's last step is checkpointed after validation, below, so resuming never skips it.
-                if (step % cfg.train.checkpoint_every == 0 or stop.requested) and step % per_epoch != 0:
+                boundary = in_epoch % accum == 0 and in_epoch != per_epoch
+                if boundary and (step % cfg.train.checkpoint_every == 0 or stop.requested):
                     save_checkpoint(ckpt_dir, step, snapshot())
                     if stop.requested:
                         bar.close()
                         stop.finish()
                 fetched = time.perf_counter()
             seconds = time.perf_counter() - started
-            val_logits = predict_logits(model, data, val_idx, cfg.evaluate.batch_size)
+            updates = math.ceil((per_epoch - first) / accum)
+            if updates and skipped - skipped_before == updates:
+                raise DataError(
+                    f"{run_dir}: every optimizer step of epoch {epoch} had non-finite gradients under {cfg.train.precision}; "
+                    "train this model in fp32"
+                )
+            if ema is not None:
+                ema.copy_to(scored)
+            val_logits = predict_logits(scored, data, val_idx, cfg.evaluate.batch_size)
             val = binary_metrics(data.rows["label"][val_idx], _sigmoid(val_logits), 0.5)
             row = {
                 "epoch": epoch,
                 "step": step,
-                "lr": learning_rate(cfg, step - 1, total),
+                "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
                 "val_balanced_accuracy": val["balanced_accuracy"],
                 "val_roc_auc": val["roc_auc"],
                 "samples_per_s": seen / seconds if seconds > 0 else math.nan,
                 "data_wait_fraction": wait / seconds if seconds > 0 else math.nan,
+                "peak_memory_mb": _peak_memory_mb(device),
                 "skipped_steps": skipped,
             }
             history = [*history, row]
             if val["balanced_accuracy"] > best["balanced_accuracy"]:
                 best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
-                atomic_save({"model": model.state_dict(), "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
+                weights = {k: v.detach().cpu() for k, v in scored.state_dict().items()}
+                atomic_save({"model": weights, "ema": ema is not None, "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
             save_checkpoint(ckpt_dir, step, snapshot())
             _write_log(run_dir, history)
             bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
@@ -207,3 +261,16 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     if history:
         _write_log(run_dir, history)
     return {"steps": step, "best_epoch": best["epoch"], "best_val_balanced_accuracy": best["balanced_accuracy"], "skipped_steps": skipped}
+
+
+def total_updates(cfg: Config, per_epoch: int) -> int:
+    """Optimizer steps in the whole run: each epoch's last partial accumulation group still steps."""
+    return math.ceil(per_epoch / cfg.train.grad_accum) * cfg.train.epochs
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -33,7 +33,7 @@ def test_overrides_are_typed_yaml_values():
         ("train.epoch=3", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
         ("trian.epochs=3", "unknown key 'trian' (did you mean 'train'?)"),
         ("train.epochs=abc", "train.epochs must be an integer, got 'abc'"),
-        ("train.augment=3", "train.augment must be true or false"),
+        ("augment.enabled=3", "augment.enabled must be true or false"),
         ("train.precision=fp8", "train.precision must be one of fp32, bf16, fp16"),
         ("cubes.shape_zyx=7", "cubes.shape_zyx must be a list"),
         ("train.epochs", "must look like dotted.key=value"),

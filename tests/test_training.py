@@ -39,7 +39,7 @@ def clone_run(base: Path, name: str) -> Path:
 def final_state(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     best = torch.load(run / "best.pt", weights_only=True)
     summary = pd.read_csv(run / "summary.csv").drop(columns=["run"])
-    log = pd.read_csv(run / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction"])
+    log = pd.read_csv(run / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction", "peak_memory_mb"])  # measurements
     return best, summary, log
 
 

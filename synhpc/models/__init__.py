@@ -14,6 +14,8 @@ from torch import nn
 from synhpc.config import ModelConfig
 from synhpc.errors import ConfigError
 from synhpc.models.small3d import Small3D
+from synhpc.models.zoo import MIN_SHAPE as ZOO_MIN_SHAPE
+from synhpc.models.zoo import ZOO
 
 Builder = Callable[[ModelConfig, Sequence[int]], nn.Module]
 
@@ -22,6 +24,8 @@ REGISTRY: dict[str, Builder] = {
 }
 # Smallest cube (z, y, x) each model accepts: its downsampling must leave at least one voxel.
 MIN_SHAPE: dict[str, tuple[int, int, int]] = {"small3d": (4, 16, 16)}
+REGISTRY.update(ZOO)
+MIN_SHAPE.update(ZOO_MIN_SHAPE)
 
 
 def build_model(cfg: ModelConfig, cube_shape_zyx: Sequence[int]) -> nn.Module:
