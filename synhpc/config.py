@@ -49,6 +49,9 @@ class WorldConfig:
     difficulty: float = 0.3
     missing_section_rate: float = 0.01
     misaligned_section_rate: float = 0.02
+    # How far a table's synapse points sit from the true cleft centre (uniform, +-x, y, z nm): annotations are not
+    # exact, and in z a few 40 nm sections off is common, so one section through the table point can miss the cleft.
+    annotation_jitter_nm: list[float] = field(default_factory=lambda: [40.0, 40.0, 160.0])
     layout: Literal["dense", "sparse"] = "dense"
 
 

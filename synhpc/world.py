@@ -376,7 +376,8 @@ def _synapse_frame(
     valid[special[1:]] = False
     area = np.pi * radius**2
     size = np.maximum(20, np.round(area * 20.0 / np.prod(TABLE_NM) * rng.lognormal(0.0, 0.25, n))).astype(np.int64)
-    pre_pt, ctr_pt, post_pt = (_to_table_units(centre + k * 100.0 * normal, shape) for k in (-1, 0, 1))
+    marked = centre + rng.uniform(-1.0, 1.0, (n, 3)) * np.asarray(cfg.annotation_jitter_nm)
+    pre_pt, ctr_pt, post_pt = (_to_table_units(marked + k * 100.0 * normal, shape) for k in (-1, 0, 1))
     ids = 10**8 + np.sort(rng.choice(9 * 10**8, n, replace=False))
     frame = pd.DataFrame(
         {

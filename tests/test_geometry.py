@@ -90,3 +90,28 @@ def test_each_chunk_read_once(random_volume, monkeypatch):
     assert len(reads) == len(set(reads))
     expected = {f"{32 * x}-{min(32 * x + 32, 100)}_{32 * y}-{min(32 * y + 32, 90)}_{8 * z}-{min(8 * z + 8, 30)}" for x, y, z in reader.needed_chunks(lo, hi).tolist()}
     assert set(reads) == expected and len(expected) == 3
+
+
+@pytest.mark.parametrize("mip", [0, 1])
+def test_cubes_match_the_synthetic_world_exactly(tmp_path, mip):
+    """Table positions (4x4x40 nm) -> voxels of the world's mip 0 (8x8x40) and mip 1 (16x16x40): cubes equal the
+    volume's voxels, and cubes crossing the volume edge are zero-filled and flagged."""
+    import pandas as pd
+    from cloudvolume import CloudVolume
+
+    from synhpc.config import WorldConfig
+    from synhpc.world import build_world
+
+    root = build_world(WorldConfig(path=str(tmp_path / "w"), shape_vx=[96, 96, 24], chunk_vx=[32, 32, 8], n_neurons=6, n_synapses=30, unlabeled_fraction=0.0), progress=False)
+    vol = CloudVolume("file://" + str(root / "em"), mip=mip, progress=False)
+    data = np.asarray(vol[:, :, :])[..., 0]
+    table = pd.read_csv(root / "synapses_pni_2.csv.gz")
+    positions = table[["ctr_pt_position_x", "ctr_pt_position_y", "ctr_pt_position_z"]].to_numpy()
+    centers = to_voxels(positions, (4, 4, 40), vol.resolution)
+    shape = (16, 24, 24)
+    cubes, edge = CubeReader("file://" + str(root / "em"), mip=mip).cubes(centers, shape)
+    for n, c in enumerate(centers):
+        np.testing.assert_array_equal(cubes[n], expected_cube(data, c, shape), err_msg=f"synapse {table['id'][n]}")
+    assert edge.any(), "the world should place some synapses within half a cube of its edge"
+    lo, hi = cube_bounds(centers, shape)
+    assert edge.tolist() == ((lo < 0) | (hi > np.asarray(data.shape))).any(axis=1).tolist()
