@@ -43,11 +43,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
-        rank = _distributed_rank()
-        if rank != 0:
-            # Training is single-process today: extra ranks would race rank 0 on the same checkpoint files.
-            print(f"rank {rank}: training is single-process; only rank 0 trains", flush=True)
-            return {"rank": rank}
+        _distributed_rank()  # every rank trains (DDP); only rank 0 writes checkpoints and logs
         from synhpc.config import load_config
         from synhpc.training import train
 

@@ -22,7 +22,7 @@ STAGES: dict[str, str] = {
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
     "demo": "world -> extract -> train -> evaluate -> gather on the configured (synthetic) data",
     "plan": "counts per split and class, shards, SLURM arrays, storage and time for an extraction",
-    "bench": "benchmarks: `bench extract` (naive vs synhpc vs chunk-read limit, compression)",
+    "bench": "benchmarks: `bench extract` (naive vs synhpc vs chunk-read limit, compression), `bench train` (samples/s)",
     "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
     "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
     "extract-task": "extract the given shards of a prepared run folder (what an array task runs)",
@@ -95,7 +95,16 @@ def stage_bench_extract(cfg: Config) -> None:
     print(f"bench: {out / 'bench_extract.csv'} and {out / 'bench_extract.json'}")
 
 
-BENCHES: dict[str, Callable[[Config], None]] = {"extract": stage_bench_extract}
+def stage_bench_train(cfg: Config) -> None:
+    from synhpc.bench_train import bench_train
+
+    out = cfg.run_dir / "bench"
+    frame = bench_train(cfg, out)
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"bench: {out / 'bench_train.csv'} and {out / 'bench_train.json'}")
+
+
+BENCHES: dict[str, Callable[[Config], None]] = {"extract": stage_bench_extract, "train": stage_bench_train}
 
 
 def stage_demo(cfg: Config) -> None:

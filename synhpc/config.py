@@ -151,6 +151,7 @@ class TrainConfig:
     threads: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # channels_last_3d activations (helps cuDNN on GPUs; nothing on CPU)
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: as many excitatory as inhibitory draws per epoch
     loss: Literal["balanced_bce", "focal"] = "balanced_bce"
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25

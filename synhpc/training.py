@@ -12,8 +12,10 @@ Usage::
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,6 +32,7 @@ from synhpc.augment import apply, mix, normalize, step_seed
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
 from synhpc.config import Config, digest_of
 from synhpc.datasets import SPLITS, CubeDataset, ShardSet
+from synhpc.distributed import DistInfo, any_rank, broadcast_from_main, cleanup, init_from_env
 from synhpc.ema import EMA
 from synhpc.errors import DataError
 from synhpc.losses import balanced_bce, focal_loss, soft_targets
@@ -102,7 +105,8 @@ def make_loss(cfg: Config, n_pos: int, n_neg: int) -> Callable[[torch.Tensor, to
     """Class-balanced BCE (weights from training counts) or focal loss; targets may be soft (mixing, smoothing)."""
     if cfg.train.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.train.focal_gamma, cfg.train.focal_alpha)
-    return balanced_bce(n_neg / n_pos)
+    # A balanced sampler already shows both classes equally often; weighting again would over-correct.
+    return balanced_bce(1.0 if cfg.train.sampler == "balanced" else n_neg / n_pos)
 
 
 def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -114,7 +118,8 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     torch.set_num_threads(cfg.train.threads)
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / CKPT_DIR
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_from_env()
+    device, world = info.device, info.world_size
     layout = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
     data = ShardSet(run_dir / "cubes")
     train_idx, val_idx = data.indices(SPLITS["train"]), data.indices(SPLITS["val"])
@@ -132,7 +137,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     scored = copy.deepcopy(model) if ema is not None else model
     loss_fn = make_loss(cfg, n_pos, n_neg)
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
-    per_epoch = math.ceil(len(train_idx) / batch)
+    per_epoch = math.ceil(len(train_idx) / (batch * world))  # batch_size is per rank
     total = per_epoch * cfg.train.epochs
     digest = training_digest(cfg)
 
@@ -152,6 +157,8 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         step, history, best, skipped = state["step"], state["history"], state["best"], state["skipped_steps"]
         epoch_loss = state["epoch_loss"]
         print(f"resuming from {path} at step {step}", flush=True)
+    # Wrapped after loading: DDP broadcasts rank 0's weights at construction, and every rank loaded the same file.
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -186,8 +193,9 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     with StopFlag() as stop:
         while step < total:
             epoch, first = divmod(step, per_epoch)
-            order = np.random.default_rng([cfg.train.seed, epoch]).permutation(train_idx)
-            positions = [list(range(b * batch, min((b + 1) * batch, len(order)))) for b in range(first, per_epoch)]
+            order = epoch_order(cfg, train_idx, labels, epoch, per_epoch * batch * world if world > 1 else None)
+            # Rank r takes the r-th slice of each global batch; one process takes the whole order.
+            positions = [list(range((b * world + info.rank) * batch, min((b * world + info.rank + 1) * batch, len(order)))) for b in range(first, per_epoch)]
             loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
             model.train()
             optimizer.zero_grad(set_to_none=True)
@@ -206,7 +214,7 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 if cfg.train.label_smoothing > 0:
                     y = soft_targets(y, cfg.train.label_smoothing)
                 with autocast(cfg.train.precision, device):
-                    loss = loss_fn(model(x.contiguous(memory_format=layout)).float(), y)
+                    loss = loss_fn(net(x.contiguous(memory_format=layout)).float(), y)
                 scaler.scale(loss / accum).backward()
                 step += 1
                 in_epoch = step - epoch * per_epoch
@@ -217,11 +225,13 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 bar.update(1)
                 # An epoch's last step is checkpointed after validation, below, so resuming never skips it.
                 boundary = in_epoch % accum == 0 and in_epoch != per_epoch
-                if boundary and (step % cfg.train.checkpoint_every == 0 or stop.requested):
-                    save_checkpoint(ckpt_dir, step, snapshot())
-                    if stop.requested:
+                stopping = boundary and any_rank(stop.requested, info)
+                if boundary and (step % cfg.train.checkpoint_every == 0 or stopping):
+                    if info.is_main:
+                        save_checkpoint(ckpt_dir, step, snapshot())
+                    if stopping:
                         bar.close()
-                        stop.finish()
+                        _leave(stop, info)
                 fetched = time.perf_counter()
             seconds = time.perf_counter() - started
             updates = math.ceil((per_epoch - first) / accum)
@@ -230,6 +240,9 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                     f"{run_dir}: every optimizer step of epoch {epoch} had non-finite gradients under {cfg.train.precision}; "
                     "train this model in fp32"
                 )
+            # Ranks hold the same parameters but their own BatchNorm statistics; take rank 0's so every rank
+            # validates (and later resumes) the same network.
+            broadcast_from_main([b for _, b in model.named_buffers()] + (list(ema.buffers.values()) if ema is not None else []), info)
             if ema is not None:
                 ema.copy_to(scored)
             val_logits = predict_logits(scored, data, val_idx, cfg.evaluate.batch_size)
@@ -249,18 +262,56 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             history = [*history, row]
             if val["balanced_accuracy"] > best["balanced_accuracy"]:
                 best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
-                weights = {k: v.detach().cpu() for k, v in scored.state_dict().items()}
-                atomic_save({"model": weights, "ema": ema is not None, "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
-            save_checkpoint(ckpt_dir, step, snapshot())
-            _write_log(run_dir, history)
+                if info.is_main:
+                    weights = {k: v.detach().cpu() for k, v in scored.state_dict().items()}
+                    atomic_save({"model": weights, "ema": ema is not None, "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
+            if info.is_main:
+                save_checkpoint(ckpt_dir, step, snapshot())
+                _write_log(run_dir, history)
             bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
-            if stop.requested:
+            if any_rank(stop.requested, info):
                 bar.close()
-                stop.finish()
+                _leave(stop, info)
     bar.close()
-    if history:
-        _write_log(run_dir, history)
-    return {"steps": step, "best_epoch": best["epoch"], "best_val_balanced_accuracy": best["balanced_accuracy"], "skipped_steps": skipped}
+    cleanup(info)
+    return {
+        "steps": step,
+        "best_epoch": best["epoch"],
+        "best_val_balanced_accuracy": best["balanced_accuracy"],
+        "skipped_steps": skipped,
+        "weights_sha256": weights_digest(model),
+    }
+
+
+def epoch_order(cfg: Config, train_idx: np.ndarray, labels: np.ndarray, epoch: int, length: int | None) -> np.ndarray:
+    """The epoch's sample order, a function of (seed, epoch) only: a shuffle, or with ``train.sampler=balanced``
+    as many excitatory as inhibitory draws (the minority class with replacement). ``length`` wraps the order around
+    so every rank gets full batches."""
+    rng = np.random.default_rng([cfg.train.seed, epoch])
+    if cfg.train.sampler == "balanced":
+        half = len(train_idx) // 2
+        parts = [rng.choice(train_idx[labels == c], half, replace=int((labels == c).sum()) < half) for c in (0, 1)]
+        order = rng.permutation(np.concatenate(parts))
+    else:
+        order = rng.permutation(train_idx)
+    return np.resize(order, length) if length else order
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: equal digests mean bit-identical weights (e.g. across DDP ranks)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _leave(stop: StopFlag, info: DistInfo) -> None:
+    """Every rank leaves at the same step; ranks the signal has not reached yet exit as if it had."""
+    cleanup(info)
+    if stop.requested:
+        stop.finish()
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def total_updates(cfg: Config, per_epoch: int) -> int:
