@@ -49,8 +49,10 @@ def stage_extract(cfg: Config) -> None:
 
 
 def stage_train(cfg: Config) -> None:
+    from synhpc.models import check_model
     from synhpc.training import train
 
+    check_model(cfg.model, cfg.cubes.shape_zyx)  # before the run folder is touched
     save_config(cfg, cfg.run_dir / "config.yaml")
     result = train(cfg)
     print(f"train: {result['steps']} steps, best epoch {result['best_epoch']} (val balanced accuracy {result['best_val_balanced_accuracy']:.3f}), skipped steps {result['skipped_steps']}")

@@ -36,7 +36,7 @@ CI_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "mcc")
 SUMMARY_COLUMNS = [
     "run", "model", "level", "split", "n", "accuracy", "balanced_accuracy", "roc_auc", "mcc", "tau",
     *[f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")],
-    "tp", "fp", "tn", "fn",
+    "pr_auc", "precision_e", "recall_e", "f1_e", "precision_i", "recall_i", "f1_i", "tp", "fp", "tn", "fn",
 ]  # fmt: skip
 
 

@@ -46,17 +46,51 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision (step-wise, no interpolation); NaN without positives."""
+    labels = np.asarray(labels).astype(bool)
+    if not labels.any():
+        return math.nan
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    s, lab = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    last_of_tie = np.concatenate([s[1:] != s[:-1], [True]])
+    tp = np.cumsum(lab)[last_of_tie]
+    seen = np.flatnonzero(last_of_tie) + 1
+    precision, recall = tp / seen, tp / lab.sum()
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return precision, recall, f1
+
+
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, tau: float) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC-AUC, PR-AUC, MCC, per-class precision/recall/F1 and the confusion counts.
+
+    Per-class scores are suffixed ``_e`` (excitatory, the positive class) and ``_i`` (inhibitory).
+    """
     labels = np.asarray(labels).astype(int)
     pred = np.asarray(probs) >= tau
     c = confusion(labels, pred)
     tpr, tnr = _rates(c)
+    p_e, r_e, f_e = _prf(c["tp"], c["fp"], c["fn"])
+    p_i, r_i, f_i = _prf(c["tn"], c["fn"], c["fp"])
     return {
         "n": int(len(labels)),
         "accuracy": float((pred == labels.astype(bool)).mean()) if len(labels) else math.nan,
         "balanced_accuracy": float(np.nanmean([tpr, tnr])),
         "roc_auc": roc_auc(labels, probs),
+        "pr_auc": average_precision(labels, probs),
         "mcc": mcc(c),
+        "precision_e": p_e,
+        "recall_e": r_e,
+        "f1_e": f_e,
+        "precision_i": p_i,
+        "recall_i": r_i,
+        "f1_i": f_i,
         **c,
     }
 

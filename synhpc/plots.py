@@ -61,6 +61,8 @@ def training_curves(log: pd.DataFrame, path: Path) -> None:
     a.plot(log["epoch"], log["train_loss"], marker="o")
     a.set_xlabel("epoch")
     a.set_ylabel("train loss")
+    if "train_balanced_accuracy" in log:
+        b.plot(log["epoch"], log["train_balanced_accuracy"], marker="^", ls=":", label="train balanced acc")
     b.plot(log["epoch"], log["val_balanced_accuracy"], marker="o", label="val balanced acc")
     b.plot(log["epoch"], log["val_roc_auc"], marker="s", label="val ROC-AUC")
     b.set_xlabel("epoch")

@@ -44,6 +44,7 @@ from synhpc.tta import predict_tta
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 TRAIN_LOG = "train_log.csv"
+TRAIN_PROBE = 512  # training samples scored at each epoch end for the train columns of train_log.csv
 
 
 def training_digest(cfg: Config) -> str:
@@ -247,11 +248,16 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 ema.copy_to(scored)
             val_logits = predict_logits(scored, data, val_idx, cfg.evaluate.batch_size)
             val = binary_metrics(data.rows["label"][val_idx], _sigmoid(val_logits), 0.5)
+            # Train metrics on a fixed, evenly spaced subset, scored like validation (no augmentation, eval mode).
+            probe = train_idx[:: max(1, len(train_idx) // TRAIN_PROBE)][:TRAIN_PROBE]
+            fit = binary_metrics(data.rows["label"][probe], _sigmoid(predict_logits(scored, data, probe, cfg.evaluate.batch_size)), 0.5)
             row = {
                 "epoch": epoch,
                 "step": step,
                 "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
+                "train_balanced_accuracy": fit["balanced_accuracy"],
+                "train_roc_auc": fit["roc_auc"],
                 "val_balanced_accuracy": val["balanced_accuracy"],
                 "val_roc_auc": val["roc_auc"],
                 "samples_per_s": seen / seconds if seconds > 0 else math.nan,

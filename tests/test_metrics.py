@@ -17,6 +17,10 @@ def test_hand_computed_metrics():
     assert math.isclose(m["mcc"], (2 * 4 - 1 * 1) / math.sqrt(3 * 3 * 5 * 5))
     # 15 positive/negative pairs; wrong: 0.6 < 0.7, 0.3 < 0.7, 0.3 < 0.4.
     assert math.isclose(m["roc_auc"], 12 / 15)
+    assert math.isclose(m["precision_e"], 2 / 3) and math.isclose(m["recall_e"], 2 / 3) and math.isclose(m["f1_e"], 2 / 3)
+    assert math.isclose(m["precision_i"], 4 / 5) and math.isclose(m["recall_i"], 4 / 5) and math.isclose(m["f1_i"], 4 / 5)
+    # Ranked: 0.9 P, 0.7 N, 0.6 P, 0.4 N, 0.3 P, ... -> precision at each positive: 1, 2/3, 3/5.
+    assert math.isclose(m["pr_auc"], (1 + 2 / 3 + 3 / 5) / 3)
 
 
 def test_auc_ties_and_single_class():

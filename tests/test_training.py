@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from synhpc.checkpoint import checkpoints, load_latest, save_checkpoint
+from synhpc.config import load_config
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 
@@ -106,3 +108,36 @@ def test_checkpoint_rotation_keeps_newest_two(tmp_path):
         save_checkpoint(tmp_path, step, {"step": step})
     assert [p.name for p in checkpoints(tmp_path)] == ["ckpt-00000004.pt", "ckpt-00000003.pt"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=resnet3000", "model.name: unknown model 'resnet3000' (known: "),
+        ("cubes.shape_zyx=[2, 8, 8]", "cubes.shape_zyx [2, 8, 8] is too small for model small3d"),
+    ],
+)
+def test_bad_model_settings_are_one_line_errors(extracted_run, override, message):
+    _, args = extracted_run
+    proc = subprocess.run([sys.executable, "-m", "synhpc", "train", "-c", "configs/demo.yaml", *args, "run.name=bad", override], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    run_root = next(a.split("=", 1)[1] for a in args if a.startswith("run.root="))
+    assert not (Path(run_root) / "bad").exists()
+
+
+def test_empty_training_split_is_an_error(extracted_run, tmp_path):
+    import h5py
+
+    from synhpc.errors import DataError
+    from synhpc.training import train
+
+    base, args = extracted_run
+    run = tmp_path / "empty"
+    shutil.copytree(base / "cubes", run / "cubes")
+    for shard in (run / "cubes").glob("shard-*.h5"):
+        with h5py.File(shard, "r+") as f:
+            f["split"][...] = np.where(f["split"][...] == 0, 1, f["split"][...])
+    cfg = load_config("configs/demo.yaml", [*args, f"run.root={tmp_path}", "run.name=empty"])
+    with pytest.raises(DataError, match="the train split is empty"):
+        train(cfg, progress=False)
+    assert not (run / "checkpoints").exists()

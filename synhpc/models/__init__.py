@@ -28,10 +28,15 @@ REGISTRY.update(ZOO)
 MIN_SHAPE.update(ZOO_MIN_SHAPE)
 
 
-def build_model(cfg: ModelConfig, cube_shape_zyx: Sequence[int]) -> nn.Module:
+def check_model(cfg: ModelConfig, cube_shape_zyx: Sequence[int]) -> None:
+    """Raise a one-line ConfigError for an unknown model or a cube it cannot take, before any work starts."""
     if cfg.name not in REGISTRY:
         raise ConfigError(f"model.name: unknown model '{cfg.name}' (known: {', '.join(sorted(REGISTRY))})")
     need = MIN_SHAPE[cfg.name]
     if any(s < m for s, m in zip(cube_shape_zyx, need)):
         raise ConfigError(f"cubes.shape_zyx {list(cube_shape_zyx)} is too small for model {cfg.name} (needs at least {list(need)})")
+
+
+def build_model(cfg: ModelConfig, cube_shape_zyx: Sequence[int]) -> nn.Module:
+    check_model(cfg, cube_shape_zyx)
     return REGISTRY[cfg.name](cfg, cube_shape_zyx)
