@@ -94,6 +94,9 @@ class CubesConfig:
 class SplitConfig:
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     seed: int = 0
+    max_per_neuron: int = 0  # cap each presynaptic neuron's synapses (seeded subsample); 0 = keep all
+    spatial_block_um: float = 0.0  # > 0: drop synapses that share a block of this edge with another split's
+    balance_classes: bool = False  # subsample the majority class in each split to the minority's count
 
 
 @dataclass

@@ -23,7 +23,7 @@ from synhpc.config import Config, digest_of
 from synhpc.errors import DataError
 from synhpc.geometry import to_voxels
 from synhpc.imagery import open_volume
-from synhpc.splits import assign_splits
+from synhpc.splits import assign_splits, balance_classes, cap_per_neuron, check_splits, spatial_conflicts
 from synhpc.tables import load_labelled_synapses
 
 MANIFEST = "synapses.csv"
@@ -75,8 +75,9 @@ def plan_manifest(cfg: Config) -> tuple[pd.DataFrame, dict[str, int], dict[str, 
             f"(x {cfg.tables.position_resolution_nm} nm) maps to voxel {centers[i].tolist()} outside the volume {lo.tolist()}-{hi.tolist()}; "
             "check tables.position_resolution_nm and imagery.mip"
         )
-    frame["split"] = assign_splits(frame, cfg.split.fractions, cfg.split.seed)
     frame["cx"], frame["cy"], frame["cz"] = centers[:, 0], centers[:, 1], centers[:, 2]
+    frame = _split(frame, cfg, drops)
+    centers = frame[["cx", "cy", "cz"]].to_numpy()
     order = morton_order(centers // np.asarray(volume["chunk_vx"]))
     frame = frame.take(order)
     frame.index = pd.RangeIndex(len(frame))  # cheaper than reset_index on millions of rows
@@ -91,6 +92,28 @@ def plan_manifest(cfg: Config) -> tuple[pd.DataFrame, dict[str, int], dict[str, 
         "synhpc_version": __version__,
     }
     return frame, drops, provenance, volume
+
+
+def _split(frame: pd.DataFrame, cfg: Config, drops: dict[str, int]) -> pd.DataFrame:
+    """Optional per-neuron cap, the neuron-disjoint split, then optional spatial separation and class balance;
+    every row removed is counted in ``drops``."""
+    sc = cfg.split
+    if sc.max_per_neuron > 0:
+        keep = cap_per_neuron(frame["pre_root_id"].to_numpy(), sc.max_per_neuron, sc.seed)
+        drops["split_neuron_cap"] = int((~keep).sum())
+        frame = frame[keep].reset_index(drop=True)
+    frame["split"] = assign_splits(frame, sc.fractions, sc.seed)
+    if sc.spatial_block_um > 0:
+        nm = frame[["x", "y", "z"]].to_numpy() * np.asarray(cfg.tables.position_resolution_nm)
+        drop = spatial_conflicts(nm, frame["split"].to_numpy(), sc.spatial_block_um * 1000.0)
+        drops["split_spatial_conflict"] = int(drop.sum())
+        frame = frame[~drop].reset_index(drop=True)
+    if sc.balance_classes:
+        keep = balance_classes(frame["label"].to_numpy(), frame["split"].to_numpy(), sc.seed)
+        drops["split_class_balance"] = int((~keep).sum())
+        frame = frame[keep].reset_index(drop=True)
+    check_splits(frame["pre_root_id"].to_numpy(), frame["label"].to_numpy(), frame["split"].to_numpy())
+    return frame
 
 
 def _atomic_text(path: Path, text: str) -> None:

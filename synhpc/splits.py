@@ -67,3 +67,38 @@ def check_splits(pre_root_id: np.ndarray, label: np.ndarray, split: np.ndarray) 
         for value, cls in ((1, "excitatory"), (0, "inhibitory")):
             if value not in present:
                 raise DataError(f"split {name} has no {cls} synapses")
+
+
+def cap_per_neuron(pre_root_id: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Keep-mask holding at most ``cap`` random synapses of each presynaptic neuron (a few neurons own most
+    synapses; uncapped, they dominate both training and the metrics)."""
+    rng = np.random.default_rng([seed, 1])
+    order = rng.permutation(len(pre_root_id))
+    rank = pd.Series(pre_root_id[order]).groupby(pre_root_id[order]).cumcount().to_numpy()
+    keep = np.zeros(len(pre_root_id), dtype=bool)
+    keep[order[rank < cap]] = True
+    return keep
+
+
+def spatial_conflicts(positions_nm: np.ndarray, split: np.ndarray, block_nm: float) -> np.ndarray:
+    """Drop-mask: in each cubic block holding synapses of several splits, those not of the block's largest split
+    (ties go to train, then val), so nearby synapses never straddle splits."""
+    blocks = np.floor(np.asarray(positions_nm) / block_nm).astype(np.int64)
+    frame = pd.DataFrame({"bx": blocks[:, 0], "by": blocks[:, 1], "bz": blocks[:, 2], "split": split})
+    counts = frame.groupby(["bx", "by", "bz", "split"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["bx", "by", "bz", "n", "split"], ascending=[True, True, True, False, True])
+    winner = counts.drop_duplicates(["bx", "by", "bz"]).set_index(["bx", "by", "bz"])["split"]
+    keep_split = winner.reindex(pd.MultiIndex.from_frame(frame[["bx", "by", "bz"]])).to_numpy()
+    return keep_split != split
+
+
+def balance_classes(label: np.ndarray, split: np.ndarray, seed: int) -> np.ndarray:
+    """Keep-mask with, in every split, as many synapses of the majority class as the minority has."""
+    rng = np.random.default_rng([seed, 2])
+    keep = np.zeros(len(label), dtype=bool)
+    for s in np.unique(split):
+        idx = [np.flatnonzero((split == s) & (label == c)) for c in (0, 1)]
+        n = min(len(i) for i in idx)
+        for i in idx:
+            keep[rng.choice(i, n, replace=False)] = True
+    return keep
