@@ -44,6 +44,8 @@ from synhpc.tta import predict_tta
 CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 TRAIN_LOG = "train_log.csv"
+# Columns of train_log.csv that measure the machine, not the training: they differ between identical runs.
+MEASURED_COLUMNS = ["samples_per_s", "data_wait_fraction", "peak_memory_mb"]
 TRAIN_PROBE = 512  # training samples scored at each epoch end for the train columns of train_log.csv
 
 

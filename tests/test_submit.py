@@ -20,6 +20,7 @@ from jobs.status import STAGES, job_states, read_jobs, stage_state, status, trai
 from jobs.submit import max_array_size, submit_pipeline
 from slurm_fixture import CLUSTER_SCRIPT, MARKER, REPO_ROOT
 from synhpc.config import load_config
+from synhpc.training import MEASURED_COLUMNS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -153,14 +154,14 @@ def test_training_requeued_or_usr2_mid_run_matches_uninterrupted(slurm_cluster, 
     reference = clone(base_dir, "train-reference")
     ref_cfg = load_config(CONFIG, [*long, "run.name=train-reference", "execution.executor=debug"])
     train(ref_cfg, progress=False)
-    want_log = pd.read_csv(reference / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction"])
+    want_log = pd.read_csv(reference / "train_log.csv").drop(columns=MEASURED_COLUMNS)
     want_best = torch.load(reference / "best.pt", weights_only=True)
 
     for how, (run_dir, job_id, jobs) in runs.items():
         wait_all(run_dir, jobs, timeout=120)
         log = (run_dir / "jobs" / "train" / f"{job_id}_0_log.out").read_text()
         assert "resuming from" in log, f"{how}: the job did not restart from a checkpoint\n{log[-2000:]}"
-        got_log = pd.read_csv(run_dir / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction"])
+        got_log = pd.read_csv(run_dir / "train_log.csv").drop(columns=MEASURED_COLUMNS)
         pd.testing.assert_frame_equal(got_log, want_log)
         got_best = torch.load(run_dir / "best.pt", weights_only=True)
         assert got_best["step"] == want_best["step"]

@@ -18,6 +18,7 @@ import torch
 
 from synhpc.checkpoint import checkpoints, load_latest, save_checkpoint
 from synhpc.config import load_config
+from synhpc.training import MEASURED_COLUMNS
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 
@@ -41,7 +42,7 @@ def clone_run(base: Path, name: str) -> Path:
 def final_state(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     best = torch.load(run / "best.pt", weights_only=True)
     summary = pd.read_csv(run / "summary.csv").drop(columns=["run"])
-    log = pd.read_csv(run / "train_log.csv").drop(columns=["samples_per_s", "data_wait_fraction", "peak_memory_mb"])  # measurements
+    log = pd.read_csv(run / "train_log.csv").drop(columns=MEASURED_COLUMNS)
     return best, summary, log
 
 
