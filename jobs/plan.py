@@ -47,7 +47,8 @@ def cluster_max_array_size() -> int | None:
     if scontrol is None:
         return None
     try:
-        out = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True, timeout=20, check=False)
+        # A login node answers at once; a dead controller would otherwise stall `synhpc plan` for many seconds.
+        out = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
