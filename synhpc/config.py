@@ -173,6 +173,8 @@ class EvaluateConfig:
     checkpoint: str = ""  # a model file to evaluate instead of <run>/best.pt
     bootstrap: int = 1000  # resamples of presynaptic neurons for 95% CIs; 0 = none
     baselines: bool = True
+    # Splits written to predictions.csv (val and test are always scored; add train to inspect fitting).
+    splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["val", "test"])
 
 
 @dataclass
@@ -361,6 +363,7 @@ def _validate(cfg: Config) -> None:
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must lie in [0, 1)")
     need(cfg.run.name.strip() != "" and "/" not in cfg.run.name, "run.name must be a non-empty folder name")
     need(cfg.imagery.mip >= 0, "imagery.mip must be >= 0")
+    need({"val", "test"} <= set(cfg.evaluate.splits), "evaluate.splits must include val (the threshold is chosen there) and test")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -138,7 +138,7 @@ def evaluate(cfg: Config) -> pd.DataFrame:
     run_dir = cfg.run_dir
     model = load_model(cfg)
     data = ShardSet(run_dir / "cubes")
-    pred = predict(cfg, model, data)
+    pred = predict(cfg, model, data, tuple(name for name in SPLITS if name in cfg.evaluate.splits))
     common = {"run": cfg.run.name, "metric": cfg.evaluate.threshold_metric, "n_boot": cfg.evaluate.bootstrap, "seed": cfg.run.seed}
     summary, tau, sweep = score(pred, model=cfg.model.name, **common)
     pred["prediction"] = (pred["probability"] >= tau).astype(int)

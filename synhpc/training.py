@@ -84,7 +84,10 @@ def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, 
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_private_generator())
-    out = [predict_tta(model, normalize(cubes.to(device)), views=views).float().cpu() for cubes, _, _ in loader]
+    # bf16 inference on GPUs; CPU stays fp32 so results do not depend on oneDNN's bf16 kernels.
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with cast:
+        out = [predict_tta(model, normalize(cubes.to(device)), views=views).float().cpu() for cubes, _, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

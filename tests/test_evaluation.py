@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -55,6 +56,16 @@ def test_summary_has_levels_cis_and_baselines(evaluated):
         assert (cfg.run_dir / name).stat().st_size > 0, name
 
 
+def test_train_split_predictions_on_request(evaluated):
+    cfg, summary = evaluated
+    cfg = copy.deepcopy(cfg)
+    cfg.evaluate.splits = ["train", "val", "test"]
+    again = evaluate(cfg)
+    pred = pd.read_csv(cfg.run_dir / "predictions.csv")
+    assert set(pred["split"]) == {"train", "val", "test"}
+    pd.testing.assert_frame_equal(again, summary)  # scoring still uses val and test only
+
+
 def test_majority_baseline_is_chance(evaluated):
     _, summary = evaluated
     majority = summary[summary["model"] == "baseline:majority"]
@@ -62,7 +73,7 @@ def test_majority_baseline_is_chance(evaluated):
 
 
 def test_corrupt_model_file_is_one_line_error(evaluated, tmp_path):
-    cfg, _ = evaluated
+    cfg = copy.deepcopy(evaluated[0])
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     cfg.evaluate.checkpoint = str(bad)
