@@ -52,11 +52,16 @@ def prepare(cfg: Config) -> tuple[dict[int, int], str]:
     return shard_sizes(manifest), provenance["extraction_digest"]
 
 
+def missing_shards(cfg: Config, sizes: dict[int, int], digest: str) -> list[int]:
+    """Shards not yet on disk complete with this extraction's digest, in order."""
+    return [s for s in sorted(sizes) if not shard_done(cfg, s, sizes[s], digest)]
+
+
 def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     """Extract every missing shard through the configured executor, wait, and build the index."""
     start = time.perf_counter()
     sizes, digest = prepare(cfg)
-    missing = [s for s, n in sizes.items() if not shard_done(cfg, s, n, digest)]
+    missing = missing_shards(cfg, sizes, digest)
     cubes_dir = cfg.run_dir / CUBES_DIR
     cubes_dir.mkdir(parents=True, exist_ok=True)
     if missing:

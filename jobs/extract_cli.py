@@ -32,16 +32,13 @@ def extract_task(run_dir: str, shards: list[int]) -> int:
 
 def prepare_run(config: str | None, overrides: Sequence[str]) -> tuple[Path, int, list[int]]:
     """Write manifest + config for the run; return (run folder, number of shards, missing shards)."""
-    from jobs.extract import prepare
-    from synhpc.config import load_config, save_config
-    from synhpc.cubes import shard_done
+    from jobs.extract import missing_shards, prepare
+    from synhpc.config import load_config
 
     cfg = load_config(config, list(overrides))
     cfg.run.root = str(Path(cfg.run.root).resolve())
-    sizes, digest = prepare(cfg)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    missing = [s for s in sorted(sizes) if not shard_done(cfg, s, sizes[s], digest)]
-    return cfg.run_dir, len(sizes), missing
+    sizes, digest = prepare(cfg)  # also writes the resolved config.yaml the tasks read
+    return cfg.run_dir, len(sizes), missing_shards(cfg, sizes, digest)
 
 
 def array_task(run_dir: str, offset: int = 0, task_id: int | None = None) -> int:

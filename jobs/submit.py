@@ -26,13 +26,13 @@ from typing import Any
 import pandas as pd
 import submitit
 
-from jobs.extract import prepare, run_task
+from jobs.extract import missing_shards, prepare, run_task
 from jobs.plan import array_chunks, cluster_max_array_size
 from jobs.profiles import STAGES, Profile, check_submittable, executor_options, job_folder, stage_parameters
 from jobs.status import JOBS_CSV, evaluation_current, read_jobs, training_progress
 from jobs.train import TrainJob
-from synhpc.config import Config, load_config, save_config
-from synhpc.cubes import CUBES_DIR, shard_done
+from synhpc.config import Config, load_config
+from synhpc.cubes import CUBES_DIR
 from synhpc.errors import ConfigError, SynhpcError
 from synhpc.shards import INDEX_NAME, build_index
 
@@ -143,12 +143,11 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
     cfg = cluster_config(cfg, profile)
     run_dir = cfg.run_dir
     _clear_previous(run_dir)
-    sizes, digest = prepare(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    sizes, digest = prepare(cfg)  # manifest and the resolved config.yaml every job reads
     run = str(run_dir)
     cubes_dir = run_dir / CUBES_DIR
     cubes_dir.mkdir(parents=True, exist_ok=True)
-    missing = [s for s in sorted(sizes) if not shard_done(cfg, s, sizes[s], digest)]
+    missing = missing_shards(cfg, sizes, digest)
 
     previous = read_jobs(run_dir)
     submission = int(previous["submission"].astype(int).max()) + 1 if len(previous) else 1

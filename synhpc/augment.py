@@ -15,6 +15,8 @@ Usage::
 from __future__ import annotations
 
 import time
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F

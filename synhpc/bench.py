@@ -36,8 +36,7 @@ import pandas as pd
 
 from synhpc.config import Config
 from synhpc.geometry import cube_bounds
-from synhpc.errors import DataError
-from synhpc.imagery import CubeReader, _transient
+from synhpc.imagery import CubeReader
 from synhpc.manifest import morton_order
 
 RESOLUTION_NM = (8, 8, 40)

@@ -26,7 +26,7 @@ from conftest import overrides, write_labelled_world
 from jobs.extract import prepare, run_task
 from synhpc.config import load_config
 from synhpc.cubes import CUBES_DIR
-from synhpc.shards import shard_complete, shard_name
+from synhpc.shards import shard_complete
 
 BASE_SEED = int(os.environ.get("SYNHPC_FAULT_SEED", "20260601"))
 # Small, many shards with compression so kills often land inside a shard's write.

@@ -4,7 +4,6 @@ builds for Hyak with a container image. No SLURM needed: executors are built but
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import pandas as pd
 import pytest

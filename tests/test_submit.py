@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import overrides  # noqa: F401  (kept for symmetry with other tests)
 from jobs.profiles import load_profile
 from jobs.status import STAGES, job_states, read_jobs, stage_state, status, training_progress
 from jobs.submit import max_array_size, submit_pipeline
