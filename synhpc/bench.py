@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synhpc.atomic import write_text
 from synhpc.config import Config
 from synhpc.geometry import cube_bounds
 from synhpc.imagery import CubeReader
@@ -327,7 +328,5 @@ def bench_extract(cfg: Config, out_dir: Path, *, n_cubes: int = 400, layouts: Se
         "goals": {"vs_naive_dense": 5.0, "within_limit": 1.3},
         "rows": json.loads(frame.to_json(orient="records")),
     }
-    tmp = out_dir / ".bench_extract.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "bench_extract.json")
+    write_text(out_dir / "bench_extract.json", json.dumps(summary, indent=1))
     return frame

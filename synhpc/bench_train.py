@@ -12,7 +12,6 @@ counted once with torch's FlopCounterMode and turned into MFU against the card's
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from synhpc.atomic import write_text
 from synhpc.augment import apply, normalize
 from synhpc.bench import machine_info
 from synhpc.config import Config, ModelConfig
@@ -151,7 +151,5 @@ def bench_train(
     info = machine_info() | {"device": str(device), "threads": cfg.train.threads}
     if device.type == "cuda":
         info |= {"gpu": torch.cuda.get_device_name(device), "cudnn": torch.backends.cudnn.version(), "cuda": torch.version.cuda}
-    tmp = out_dir / ".bench_train.json.tmp"
-    tmp.write_text(json.dumps({"machine": info, "rows": json.loads(frame.to_json(orient="records"))}, indent=1))
-    os.replace(tmp, out_dir / "bench_train.json")
+    write_text(out_dir / "bench_train.json", json.dumps({"machine": info, "rows": json.loads(frame.to_json(orient="records"))}, indent=1))
     return frame

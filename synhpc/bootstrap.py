@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from synhpc.metrics import binary_metrics
+from synhpc.metrics import binary_metrics, sigmoid
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "mcc")
 # Bound the (resamples x rows) float64 matrices of the vectorised path to ~32 MB each.
@@ -92,7 +92,7 @@ class _Metric:
 
     def _neurons(self, frame: pd.DataFrame) -> pd.DataFrame:
         per = frame.groupby("pre_root_id", sort=True).agg(label=("label", "first"), logit=("logit", "mean"))
-        per["probability"] = 1.0 / (1.0 + np.exp(-per["logit"].to_numpy(dtype=np.float64)))
+        per["probability"] = sigmoid(per["logit"].to_numpy())
         return per
 
     def __call__(self, frame: pd.DataFrame) -> float:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from synhpc.atomic import write_text
 from synhpc.errors import ConfigError
 
 
@@ -369,6 +370,4 @@ def _validate(cfg: Config) -> None:
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -10,13 +10,13 @@ Neuron level: the mean of a presynaptic neuron's synapse logits, squashed and co
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from synhpc.atomic import write_csv
 from synhpc.baselines import connectivity_baseline, majority_baseline
 from synhpc.bootstrap import neuron_bootstrap_ci, neuron_metric, synapse_metric
 from synhpc.config import Config
@@ -24,7 +24,7 @@ from synhpc.datasets import SPLITS, ShardSet
 from synhpc.errors import DataError
 from synhpc.gather import SUMMARY
 from synhpc.manifest import read_manifest
-from synhpc.metrics import binary_metrics, choose_threshold
+from synhpc.metrics import binary_metrics, choose_threshold, sigmoid
 from synhpc.models import build_model
 from synhpc.neuron_curve import accuracy_vs_synapses
 from synhpc.training import BEST, TRAIN_LOG, predict_logits, training_digest
@@ -40,19 +40,9 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def load_model(cfg: Config) -> torch.nn.Module:
@@ -77,7 +67,7 @@ def neuron_level(pred: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(label=("label", "first"), logit=("logit", "mean"), n_synapses=("logit", "size")).reset_index()
     # Means of equal logits differ in the last bits with the count averaged; that noise must not rank neurons.
     out["logit"] = out["logit"].round(9)
-    out["probability"] = _sigmoid(out["logit"].to_numpy())
+    out["probability"] = sigmoid(out["logit"].to_numpy())
     return out
 
 
@@ -90,7 +80,7 @@ def predict(cfg: Config, model: torch.nn.Module, data: ShardSet, splits: tuple[s
         rows = {key: data.rows[key][idx] for key in ("synapse_id", "pre_root_id", "post_root_id")}
         parts.append(pd.DataFrame({**rows, "split": name, "label": data.rows["label"][idx].astype(int), "logit": logits.astype(np.float64)}))
     pred = pd.concat(parts, ignore_index=True)
-    pred["probability"] = _sigmoid(pred["logit"].to_numpy())
+    pred["probability"] = sigmoid(pred["logit"].to_numpy())
     return pred
 
 
@@ -149,11 +139,11 @@ def evaluate(cfg: Config) -> pd.DataFrame:
     summary = pd.concat(tables, ignore_index=True)
     curve = accuracy_vs_synapses(pred, tau)
 
-    _write_csv(pred, run_dir / PREDICTIONS)
-    _write_csv(sweep, run_dir / TAU_SWEEP)
-    _write_csv(neuron_level(pred), run_dir / "neurons.csv")
-    _write_csv(curve, run_dir / NEURON_LEVEL)
-    _write_csv(summary, run_dir / SUMMARY)
+    write_csv(pred, run_dir / PREDICTIONS)
+    write_csv(sweep, run_dir / TAU_SWEEP)
+    write_csv(neuron_level(pred), run_dir / "neurons.csv")
+    write_csv(curve, run_dir / NEURON_LEVEL)
+    write_csv(summary, run_dir / SUMMARY)
 
     from synhpc import plots  # matplotlib import is slow; only evaluation pays for it
 

@@ -7,10 +7,11 @@ Usage::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from synhpc.atomic import write_csv
 
 SUMMARY = "summary.csv"  # defined here, not in evaluation, so gather (login node) never imports torch
 
@@ -26,9 +27,7 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
             skipped.append(run.name)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if frames:
-        tmp = root / f".{SUMMARY}.tmp"
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, root / SUMMARY)
+        write_csv(table, root / SUMMARY)
     return table, skipped
 
 

@@ -11,7 +11,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from synhpc import __version__
+from synhpc.atomic import write_csv, write_text
 from synhpc.config import Config, digest_of
 from synhpc.errors import DataError
 from synhpc.geometry import to_voxels
@@ -116,17 +116,11 @@ def _split(frame: pd.DataFrame, cfg: Config, drops: dict[str, int]) -> pd.DataFr
     return frame
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(run_dir: Path, frame: pd.DataFrame, drops: dict[str, int], provenance: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(run_dir / DROPS, pd.DataFrame({"reason": list(drops), "rows": list(drops.values())}).to_csv(index=False))
-    _atomic_text(run_dir / PROVENANCE, json.dumps(provenance, indent=1, default=str))
-    _atomic_text(run_dir / MANIFEST, frame.to_csv(index=False))
+    write_csv(pd.DataFrame({"reason": list(drops), "rows": list(drops.values())}), run_dir / DROPS)
+    write_text(run_dir / PROVENANCE, json.dumps(provenance, indent=1, default=str))
+    write_csv(frame, run_dir / MANIFEST)
 
 
 def read_manifest(run_dir: Path) -> pd.DataFrame:

@@ -14,6 +14,11 @@ import numpy as np
 import pandas as pd
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """P(excitatory) from logits, in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def confusion(labels: np.ndarray, pred: np.ndarray) -> dict[str, int]:
     labels, pred = np.asarray(labels).astype(bool), np.asarray(pred).astype(bool)
     return {

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from synhpc.metrics import sigmoid
+
 CURVE_COLUMNS = [
     "split",
     "k",
@@ -67,7 +69,7 @@ def accuracy_vs_synapses(
         part = pred[pred["split"] == split]
         codes, _ = pd.factorize(part["pre_root_id"], sort=True)
         logit = part["logit"].to_numpy(dtype=np.float64)
-        prob = part["probability"].to_numpy(dtype=np.float64) if "probability" in part else 1.0 / (1.0 + np.exp(-logit))
+        prob = part["probability"].to_numpy(dtype=np.float64) if "probability" in part else sigmoid(logit)
         vote = prob >= tau
         counts = np.bincount(codes)
         labels = np.zeros(len(counts), dtype=int)
@@ -97,7 +99,7 @@ def accuracy_vs_synapses(
                 votes = np.bincount(codes[keep], weights=vote[keep], minlength=n_neurons)[eligible]
                 truth = labels[eligible]
                 # sigmoid(mean logit) >= tau, written on the probability scale to share the synapse rule exactly.
-                by_mean = (1.0 / (1.0 + np.exp(-mean_logit)) >= tau).astype(int)
+                by_mean = (sigmoid(mean_logit) >= tau).astype(int)
                 by_vote = (2 * votes >= k).astype(int)  # ties -> excitatory
                 acc_mean.append(float((by_mean == truth).mean()))
                 acc_vote.append(float((by_vote == truth).mean()))

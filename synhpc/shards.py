@@ -31,6 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from synhpc.atomic import write_text
 from synhpc.errors import DataError
 
 ROW_DATASETS = {
@@ -122,9 +123,7 @@ def build_index(cubes_dir: Path, expected: Mapping[int, int]) -> dict[str, Any]:
         names = ", ".join(shard_name(s) for s in missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise DataError(f"{cubes_dir}: {len(missing)} shard(s) missing or incomplete: {names}")
     index = {"shards": [{"file": shard_name(s), "n": n} for s, n in sorted(expected.items())], "n": int(sum(expected.values()))}
-    tmp = cubes_dir / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, cubes_dir / INDEX_NAME)
+    write_text(cubes_dir / INDEX_NAME, json.dumps(index, indent=1))
     return index
 
 

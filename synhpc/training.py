@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from synhpc.atomic import write_csv
 from synhpc.augment import apply, mix, normalize, step_seed
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
 from synhpc.config import Config, digest_of
@@ -36,7 +36,7 @@ from synhpc.distributed import DistInfo, any_rank, broadcast_from_main, cleanup,
 from synhpc.ema import EMA
 from synhpc.errors import DataError
 from synhpc.losses import balanced_bce, focal_loss, soft_targets
-from synhpc.metrics import binary_metrics
+from synhpc.metrics import binary_metrics, sigmoid
 from synhpc.models import build_model
 from synhpc.preemption import StopFlag
 from synhpc.tta import predict_tta
@@ -97,14 +97,8 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    tmp = run_dir / f".{TRAIN_LOG}.tmp"
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / TRAIN_LOG)
+    write_csv(pd.DataFrame(history), run_dir / TRAIN_LOG)
 
 
 def make_loss(cfg: Config, n_pos: int, n_neg: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -252,10 +246,10 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             if ema is not None:
                 ema.copy_to(scored)
             val_logits = predict_logits(scored, data, val_idx, cfg.evaluate.batch_size)
-            val = binary_metrics(data.rows["label"][val_idx], _sigmoid(val_logits), 0.5)
+            val = binary_metrics(data.rows["label"][val_idx], sigmoid(val_logits), 0.5)
             # Train metrics on a fixed, evenly spaced subset, scored like validation (no augmentation, eval mode).
             probe = train_idx[:: max(1, len(train_idx) // TRAIN_PROBE)][:TRAIN_PROBE]
-            fit = binary_metrics(data.rows["label"][probe], _sigmoid(predict_logits(scored, data, probe, cfg.evaluate.batch_size)), 0.5)
+            fit = binary_metrics(data.rows["label"][probe], sigmoid(predict_logits(scored, data, probe, cfg.evaluate.batch_size)), 0.5)
             row = {
                 "epoch": epoch,
                 "step": step,

@@ -6,7 +6,7 @@ is a Neuroglancer precomputed image layer (mip 0 at 8x8x40 nm, mip 1 at 16x16x40
 
 Usage::
 
-    from synhpc.config import WorldConfig, digest_of
+    from synhpc.config import WorldConfig
     root = build_world(WorldConfig(path="logs/world", seed=0))   # skips work when root/world.json matches
 
 Rendering model (all geometry in physical nm, so a random 3D cleft normal crosses the 40 nm sections correctly):
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from synhpc.atomic import write_csv, write_text
 from synhpc.config import WorldConfig, digest_of
 from synhpc.errors import ConfigError
 
@@ -122,9 +123,7 @@ def build_world(cfg: WorldConfig, *, progress: bool = True) -> Path:
         "files": {"em": "em", "synapses": SYNAPSE_TABLE, "cell_types": CELL_TYPE_TABLE},
         "counts": plan.counts,
     }
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest)
+    write_text(manifest, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return root
 
 
@@ -438,10 +437,8 @@ def _cell_type_frame(
 
 
 def _write_table(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     # mtime=0 keeps the gzip header, and so the file, byte-identical across builds.
-    frame.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
-    os.replace(tmp, path)
+    write_csv(frame, path, compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
 
 
 # ------------------------------------------------------------------------------------------------------- imagery
