@@ -16,28 +16,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONFIG_NAME = "config.yaml"
 
 
 def evaluate_job(run_dir: str) -> str:
     """Evaluate the run in ``run_dir``; returns the path of its summary.csv."""
-    from synhpc.config import load_config
+    from synhpc.config import load_run_config
     from synhpc.evaluation import SUMMARY, evaluate
 
-    cfg = load_config(Path(run_dir) / CONFIG_NAME)
+    cfg = load_run_config(run_dir)
     evaluate(cfg)
     return str(cfg.run_dir / SUMMARY)
 
 
 def gather_job(run_dir: str) -> str:
     """Collect every run's summary.csv under the run's ``run.root``; returns the path of the combined table."""
-    from synhpc.config import load_config
-    from synhpc.gather import gather
+    from synhpc.config import load_run_config
+    from synhpc.gather import SUMMARY, gather
 
-    cfg = load_config(Path(run_dir) / CONFIG_NAME)
-    root = Path(cfg.run.root)
+    root = Path(load_run_config(run_dir).run.root)
     gather(root)
-    return str(root / "summary.csv")
+    return str(root / SUMMARY)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,23 +12,21 @@ Usage::
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
 from jobs.launch import make_executor, task_groups
-from synhpc.config import Config, load_config, save_config
+from synhpc.config import RUN_CONFIG, Config, load_run_config, save_config
 from synhpc.cubes import CUBES_DIR, extract_shard, shard_done, shard_sizes
 from synhpc.errors import DataError
 from synhpc.manifest import plan_manifest, read_manifest, read_provenance, write_manifest
 from synhpc.shards import build_index
 
-CONFIG_NAME = "config.yaml"
 
 
 def run_task(run_dir: str, shards: list[int]) -> int:
     """One array task: extract ``shards`` of the run in ``run_dir``; returns the number of cubes written."""
-    cfg = load_config(Path(run_dir) / CONFIG_NAME)
+    cfg = load_run_config(run_dir)
     manifest = read_manifest(cfg.run_dir)
     provenance = read_provenance(cfg.run_dir)
     done = 0
@@ -48,7 +46,7 @@ def prepare(cfg: Config) -> tuple[dict[int, int], str]:
         same = False
     if not same:
         write_manifest(run_dir, manifest, drops, provenance)
-    save_config(cfg, run_dir / CONFIG_NAME)
+    save_config(cfg, run_dir / RUN_CONFIG)
     return shard_sizes(manifest), provenance["extraction_digest"]
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from synhpc.config import RUN_CONFIG
+from synhpc.gather import SUMMARY
+
 JOBS_CSV = "jobs.csv"
 STAGES = ("extract", "index", "train", "evaluate", "gather")
 CHECKPOINT_GLOB = "ckpt-*.pt"
@@ -51,7 +54,7 @@ class TrainingProgress:
 
 
 def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
+    path = run_dir / RUN_CONFIG
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
@@ -92,7 +95,7 @@ def training_progress(run_dir: Path, config: dict | None = None) -> TrainingProg
 
 def evaluation_current(run_dir: Path) -> bool:
     """summary.csv exists and was written after the best model it evaluates."""
-    summary, best = Path(run_dir) / "summary.csv", Path(run_dir) / "best.pt"
+    summary, best = Path(run_dir) / SUMMARY, Path(run_dir) / "best.pt"
     return summary.is_file() and best.is_file() and summary.stat().st_mtime >= best.stat().st_mtime
 
 

@@ -31,9 +31,10 @@ from jobs.plan import array_chunks, cluster_max_array_size
 from jobs.profiles import STAGES, Profile, check_submittable, executor_options, job_folder, stage_parameters
 from jobs.status import JOBS_CSV, evaluation_current, read_jobs, training_progress
 from jobs.train import TrainJob
-from synhpc.config import Config, load_config
+from synhpc.config import Config, load_config, load_run_config
 from synhpc.cubes import CUBES_DIR
 from synhpc.errors import ConfigError, SynhpcError
+from synhpc.gather import SUMMARY
 from synhpc.shards import INDEX_NAME, build_index
 
 COLUMNS = ["submission", "stage", "job_id", "array_range", "items", "submitted_at", "dependency"]
@@ -53,7 +54,7 @@ def index_task(run_dir: str) -> int:
     from synhpc.cubes import shard_sizes
     from synhpc.manifest import read_manifest
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = load_run_config(run_dir)
     index = build_index(cfg.run_dir / CUBES_DIR, shard_sizes(read_manifest(cfg.run_dir)))
     return int(index["n"])
 
@@ -196,7 +197,7 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
             upstream = [submit_one("train", TrainJob(), _afterok(upstream))]
         if "evaluate" in wanted and (train_needed or bool(missing) or not evaluation_current(run_dir)):
             upstream = [submit_one("evaluate", _evaluate_job(), _afterok(upstream))]
-        root_summary = Path(cfg.run.root) / "summary.csv"
+        root_summary = Path(cfg.run.root) / SUMMARY
         run_summary = run_dir / "summary.csv"
         gathered = root_summary.is_file() and run_summary.is_file() and root_summary.stat().st_mtime >= run_summary.stat().st_mtime
         if "gather" in wanted and (upstream or not gathered):

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import submitit
 
-CONFIG_NAME = "config.yaml"
+from synhpc.config import load_run_config
+
 
 
 def _distributed_rank() -> int:
@@ -44,10 +44,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
         _distributed_rank()  # every rank trains (DDP); only rank 0 writes checkpoints and logs
-        from synhpc.config import load_config
         from synhpc.training import train
 
-        cfg = load_config(Path(run_dir) / CONFIG_NAME)
+        cfg = load_run_config(run_dir)
         return train(cfg, progress=False)
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission:  # type: ignore[override]

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from synhpc.config import Config, load_config, save_config
+from synhpc.config import RUN_CONFIG, Config, load_config, save_config
 from synhpc.errors import SynhpcError
 
 STAGES: dict[str, str] = {
@@ -53,7 +53,7 @@ def stage_train(cfg: Config) -> None:
     from synhpc.training import train
 
     check_model(cfg.model, cfg.cubes.shape_zyx)  # before the run folder is touched
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    save_config(cfg, cfg.run_dir / RUN_CONFIG)
     result = train(cfg)
     print(f"train: {result['steps']} steps, best epoch {result['best_epoch']} (val balanced accuracy {result['best_val_balanced_accuracy']:.3f}), skipped steps {result['skipped_steps']}")
 
@@ -70,7 +70,7 @@ def stage_evaluate(cfg: Config) -> None:
 def stage_gather(cfg: Config) -> None:
     from pathlib import Path
 
-    from synhpc.gather import format_table, gather
+    from synhpc.gather import SUMMARY, format_table, gather
 
     table, skipped = gather(Path(cfg.run.root))
     if skipped:
@@ -79,7 +79,7 @@ def stage_gather(cfg: Config) -> None:
         print(f"gather: no summaries under {cfg.run.root}")
         return
     print(format_table(table))
-    print(f"gather: {len(table)} rows -> {Path(cfg.run.root) / 'summary.csv'}")
+    print(f"gather: {len(table)} rows -> {Path(cfg.run.root) / SUMMARY}")
 
 
 def stage_plan(cfg: Config) -> None:

@@ -367,6 +367,14 @@ def _validate(cfg: Config) -> None:
     need({"val", "test"} <= set(cfg.evaluate.splits), "evaluate.splits must include val (the threshold is chosen there) and test")
 
 
+RUN_CONFIG = "config.yaml"  # the resolved config in every run folder; jobs read it from there
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
+    """The resolved config a run folder was prepared with (what every batch job of the run reads)."""
+    return load_config(Path(run_dir) / RUN_CONFIG)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from synhpc.atomic import write_csv
+from synhpc.config import RUN_CONFIG
 
 SUMMARY = "summary.csv"  # defined here, not in evaluation, so gather (login node) never imports torch
 
@@ -23,7 +24,7 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
         path = run / SUMMARY
         if path.is_file():
             frames.append(pd.read_csv(path))
-        elif (run / "config.yaml").is_file():
+        elif (run / RUN_CONFIG).is_file():
             skipped.append(run.name)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if frames:
