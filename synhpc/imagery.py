@@ -1,19 +1,34 @@
-"""Read EM cubes from Neuroglancer precomputed volumes with cloud-volume, touching every needed chunk once.
+"""Read EM cubes from Neuroglancer precomputed volumes, touching every needed chunk once.
 
 Usage::
 
-    reader = CubeReader("file:///data/em", mip=0)
-    cubes, edge = reader.cubes(centers_xyz, shape_zyx=(16, 48, 48))  # (n, Z, Y, X) uint8, (n,) bool
+    reader = CubeReader("precomputed://https://bossdb-open-data.s3.amazonaws.com/iarpa_microns/minnie/minnie65/em")
+    cubes, edge, missing = reader.cubes(centers_xyz, shape_zyx=(16, 64, 64))
+    # cubes (n, Z, Y, X) uint8; edge (n,) bool: the cube crosses the volume boundary (outside voxels are 0);
+    # missing (n,) int: chunks of this cube that do not exist (read as 0 under fill_missing; 0 = fully read)
+    reader.missing_chunks                          # running total of missing chunks met by this reader
 
 Per-cube cutouts re-decode each chunk for every cube that touches it; grouping the cubes of a spatially coherent
-shard into runs of needed chunks reads each chunk once.
+shard and reading the union of their chunks once is what makes extraction fast. Chunks are fetched and decoded here
+rather than through ``CloudVolume.download``: its per-call planning costs more than a local chunk read, and it cannot
+say which chunks were missing. cloud-volume still parses the ``info`` and decodes the chunk encodings.
+
+Storage: ``file://`` reads files directly (and the ``.gz``/``.br``/... variants cloud-volume writes); ``http(s)://``
+uses one pooled urllib3 client (byte ranges for shard files; 404 and 403 mean "missing"; 5xx, 408, 429, resets and
+timeouts are retried with exponential backoff, ``retries`` times); other schemes (``gs://``, ``s3://``) go through
+CloudFiles. Sharded scales (``neuroglancer_uint64_sharded_v1``) read each shard's fixed index and the needed
+minishard indices once per reader (cached), then fetch chunk byte ranges, merging ranges that touch.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +36,11 @@ import numpy as np
 
 from synhpc.errors import DataError
 from synhpc.geometry import cube_bounds
+
+# Merged shard byte ranges stay below this, so one slow response cannot serialize a whole batch.
+MAX_BUNDLE_BYTES = 4 << 20
+# Shard/minishard index caches are dropped wholesale past this many entries (a reader rarely touches more).
+MAX_INDEX_CACHE = 8192
 
 
 def resolve_url(url: str) -> str:
@@ -43,93 +63,321 @@ def open_volume(url: str, mip: int, fill_missing: bool = True):
     try:
         vol = CloudVolume(resolved, mip=mip, bounded=False, fill_missing=fill_missing, progress=False, parallel=1)
     except Exception as exc:  # cloud-volume raises many types for network/permission trouble
-        raise DataError(f"imagery {url}: cannot open ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise DataError(f"imagery {url}: cannot open ({exc.__class__.__name__}: {_first_line(exc)})") from None
     if mip >= len(vol.scales):
         raise DataError(f"imagery {url}: mip {mip} does not exist (volume has {len(vol.scales)} mips)")
     return vol
 
 
-class CubeReader:
-    """Cuts cubes out of one precomputed volume at one mip."""
+class _Transient(Exception):
+    """A failure worth retrying (5xx, reset, timeout, I/O hiccup)."""
 
-    def __init__(self, url: str, mip: int = 0, *, fill_missing: bool = True, threads: int = 4, retries: int = 4):
+
+class _Fatal(Exception):
+    """A failure retrying cannot fix (4xx other than 404/403, corrupt bytes)."""
+
+
+class CubeReader:
+    """Cuts cubes out of one precomputed volume at one mip (sharded or not, any encoding cloud-volume decodes).
+
+    ``threads`` decode (and, for remote volumes, fetch: ``max(8, 4 * threads)`` requests in flight) in parallel;
+    ``retries`` transient failures per request are retried after ``backoff_s * 2**attempt`` seconds (jittered,
+    capped at 30 s). ``fill_missing=False`` turns a missing chunk into a DataError naming it. The previous call's
+    chunks stay in memory (at most ``keep_mb``) for the next call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        mip: int = 0,
+        *,
+        fill_missing: bool = True,
+        threads: int = 4,
+        retries: int = 4,
+        backoff_s: float = 0.25,
+        timeout_s: float = 60.0,
+        keep_mb: float = 512.0,
+    ):
         self.url, self.mip, self.fill_missing = url, mip, fill_missing
-        self.threads, self.retries = max(1, threads), retries
+        self.threads, self.retries, self.backoff_s, self.timeout_s = max(1, threads), max(0, retries), backoff_s, timeout_s
+        self.keep_mb = keep_mb
         vol = open_volume(url, mip, fill_missing)
+        meta = vol.meta
         self.resolution_nm = np.asarray(vol.resolution, dtype=np.float64)
         self.chunk = np.asarray(vol.chunk_size, dtype=np.int64)
         self.vol_lo = np.asarray(vol.bounds.minpt, dtype=np.int64)
         self.vol_hi = np.asarray(vol.bounds.maxpt, dtype=np.int64)
+        self.grid = -(-(self.vol_hi - self.vol_lo) // self.chunk)
         self.dtype = np.dtype(vol.dtype)
-        self._local = threading.local()
-        self._local.vol = vol
+        self.encoding = meta.encoding(mip)
+        self.channels = int(meta.num_channels)
+        self.block_size = meta.compressed_segmentation_block_size(mip) or (8, 8, 8)
+        self.key = meta.key(mip)
+        self.cloudpath = meta.cloudpath
+        self.sharding = None
+        if vol.image.is_sharded(mip):
+            from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
 
-    def _volume(self):
-        vol = getattr(self._local, "vol", None)
-        if vol is None:
-            vol = self._local.vol = open_volume(self.url, self.mip, self.fill_missing)
-        return vol
+            self.sharding = ShardingSpecification.from_dict(vol.scale["sharding"])
+        self.local = self.cloudpath.startswith("file://")
+        self.fetch_threads = self.threads if self.local else max(8, 4 * self.threads)
+        self.missing_chunks = 0  # chunks found missing by this reader, over all calls
+        self.chunks_read = 0  # chunks fetched (the previous call's chunks are reused, not fetched)
+        self.cubes_with_missing = 0
+        self._shard_index: dict[str, np.ndarray | None] = {}
+        self._minishard: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
+        self._recent: dict[tuple[int, int, int], np.ndarray | None] = {}
+        self._pid = -1
+        self._pool: ThreadPoolExecutor | None = None
+        self._store: _Store | None = None
+        self._lock = threading.Lock()
 
-    def _download(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """One cutout as X, Y, Z, retried with exponential backoff on I/O errors."""
+    # ------------------------------------------------------------------------------------------------- plumbing
+
+    def _ensure(self) -> None:
+        """Thread pool and storage client, created on first use and again in a forked child."""
+        if self._pid == os.getpid() and self._store is not None:
+            return
+        self._pid = os.getpid()
+        self._store = _make_store(self.cloudpath, self.key, self.fetch_threads, self.timeout_s)
+        self._pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="synhpc-imagery")
+        weakref.finalize(self, self._pool.shutdown, wait=False)
+
+    def _map(self, fn: Callable, items: list) -> list:
+        if len(items) <= 1 or self.fetch_threads == 1:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
+
+    def _get(self, name: str, what: str | None, start: int | None = None, stop: int | None = None) -> bytes | None:
+        """One object (or byte range of it) under the scale's folder; None when it does not exist.
+
+        ``what`` names it in errors (default: ``chunk <name>``).
+        """
         for attempt in range(self.retries + 1):
             try:
-                data = self._volume().download((slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2])), mip=self.mip)
-                return np.asarray(data)[..., 0]
-            except Exception as exc:
-                if attempt == self.retries or not _transient(exc):
-                    raise DataError(f"imagery {self.url}: reading {lo.tolist()}-{hi.tolist()} failed: {exc.__class__.__name__}: {exc}") from None
-                time.sleep(min(30.0, 0.5 * 2**attempt))
+                return self._store.get(name, start, stop)
+            except (_Transient, _Fatal) as exc:
+                what = what or f"chunk {name}"
+                if isinstance(exc, _Fatal):
+                    raise DataError(f"imagery {self.url}: {what}: {exc}") from None
+                if attempt >= self.retries:
+                    raise DataError(f"imagery {self.url}: {what}: still failing after {attempt + 1} tries ({exc})") from None
+                delay = min(30.0, self.backoff_s * 2**attempt)
+                time.sleep(delay * (0.5 + random.random() / 2))  # jitter: retries of one batch do not arrive together
         raise AssertionError("unreachable")
 
-    def read_chunks(self, chunks: np.ndarray) -> dict[tuple[int, int, int], np.ndarray]:
-        """Every listed chunk, read once, as X, Y, Z arrays keyed by chunk index.
+    def _name(self, c: Sequence[int]) -> str:
+        a = [int(self.vol_lo[i] + c[i] * self.chunk[i]) for i in range(3)]
+        b = [min(a[i] + int(self.chunk[i]), int(self.vol_hi[i])) for i in range(3)]
+        return f"{a[0]}-{b[0]}_{a[1]}-{b[1]}_{a[2]}-{b[2]}"
 
-        Chunk files are fetched by name and decoded with cloud-volume's own decoder: a ``CloudVolume.download`` per
-        run costs ~3 ms of planning and painting, more than reading the chunk. Local volumes use plain ``open``
-        (CloudFiles' batched get polls with sleeps); remote ones fetch every name in one threaded batch, which
-        hides latency. Sharded volumes keep the run-based path.
+    def _dims(self, c: Sequence[int]) -> tuple[int, int, int]:
+        a = [int(self.vol_lo[i] + c[i] * self.chunk[i]) for i in range(3)]
+        return tuple(min(a[i] + int(self.chunk[i]), int(self.vol_hi[i])) - a[i] for i in range(3))
+
+    def _decode(self, content: bytes | None, dims: tuple[int, int, int], what: str) -> np.ndarray | None:
+        """X, Y, Z array of one chunk; None when the chunk is missing."""
+        if not content:
+            return None
+        if self.encoding == "raw":
+            expect = self.dtype.itemsize * dims[0] * dims[1] * dims[2] * self.channels
+            if len(content) != expect:
+                raise DataError(f"imagery {self.url}: {what}: {len(content)} bytes, expected {expect} for a raw {dims} chunk")
+            if self.channels == 1:
+                # Raw chunks are Fortran-ordered X, Y, Z: a zero-copy view.
+                return np.frombuffer(content, dtype=self.dtype).reshape(dims, order="F")
+        from cloudvolume import chunks
+
+        try:
+            arr = chunks.decode(content, self.encoding, shape=(*dims, self.channels), dtype=self.dtype, block_size=self.block_size)
+        except Exception as exc:
+            raise DataError(f"imagery {self.url}: {what}: cannot decode {self.encoding} ({exc.__class__.__name__}: {_first_line(exc)})") from None
+        arr = np.asarray(arr)
+        if arr.shape[:3] != dims:
+            raise DataError(f"imagery {self.url}: {what}: decoded shape {arr.shape[:3]}, expected {dims}")
+        return arr[..., 0] if arr.ndim == 4 else arr
+
+    # ---------------------------------------------------------------------------------------------- chunk reads
+
+    def read_chunks(self, chunks: np.ndarray) -> dict[tuple[int, int, int], np.ndarray | None]:
+        """Every listed chunk (grid indices x, y, z), read once, as X, Y, Z arrays; None for a missing chunk.
+
+        With ``fill_missing=False`` a missing chunk raises a one-line DataError naming it instead. Chunks of the
+        previous call are kept (up to ``keep_mb``) and not read again: consecutive Morton-ordered shards share the
+        chunks along their common border.
         """
-        from cloudfiles import CloudFiles
-        from cloudvolume.datasource.precomputed.image import rx
-        from cloudvolume.lib import Bbox
-
-        vol = self._volume()
-        if len(chunks) == 0 or vol.image.is_sharded(self.mip):
-            return self._read_runs(chunks)
-        key = vol.meta.key(self.mip)
-        starts = (self.vol_lo + np.asarray(chunks) * self.chunk).tolist()
-        stops = np.minimum(np.asarray(starts) + self.chunk, self.vol_hi).tolist()
-        # The precomputed chunk file name, "x0-x1_y0-y1_z0-z1", built from ints (a Bbox per chunk costs more).
-        names = [f"{key}/{a[0]}-{b[0]}_{a[1]}-{b[1]}_{a[2]}-{b[2]}" for a, b in zip(starts, stops)]
-        cloudpath = vol.meta.cloudpath
-        for attempt in range(self.retries + 1):
-            try:
-                if cloudpath.startswith("file://"):
-                    base = cloudpath[len("file://") :].rstrip("/")
-                    contents = [_read_local(f"{base}/{name}") for name in names]
-                else:
-                    cf = getattr(self._local, "cf", None)
-                    if cf is None:
-                        cf = self._local.cf = CloudFiles(cloudpath, num_threads=max(8, 4 * self.threads))
-                    got = {f["path"]: f["content"] for f in cf.get(names)}
-                    contents = [got[name] for name in names]
-                break
-            except Exception as exc:
-                if attempt == self.retries or not _transient(exc):
-                    raise DataError(f"imagery {self.url}: reading {len(names)} chunk(s) failed: {exc.__class__.__name__}: {exc}") from None
-                time.sleep(min(30.0, 0.5 * 2**attempt))
-        raw = vol.meta.encoding(self.mip) == "raw" and vol.meta.num_channels == 1
-        out = {}
-        for c, a, b, content in zip(chunks.tolist(), starts, stops, contents):
-            dims = (b[0] - a[0], b[1] - a[1], b[2] - a[2])
-            if raw and content is not None and len(content) == self.dtype.itemsize * dims[0] * dims[1] * dims[2]:
-                # Raw chunks are Fortran-ordered X, Y, Z: a zero-copy view instead of rx.decode's copy.
-                out[tuple(c)] = np.frombuffer(content, dtype=self.dtype).reshape(dims, order="F")
-            else:
-                # rx.decode handles every other encoding and turns a missing chunk into zeros (or an error).
-                out[tuple(c)] = np.asarray(rx.decode(vol.meta, Bbox(a, b), content, self.fill_missing, self.mip))[..., 0]
+        chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, 3)
+        if len(chunks) == 0:
+            return {}
+        self._ensure()
+        keys = [tuple(c) for c in chunks.tolist()]
+        recent = self._recent
+        todo = [k for k in keys if k not in recent]
+        fetched = (self._read_sharded(todo) if self.sharding is not None else self._read_unsharded(todo)) if todo else {}
+        self.chunks_read += len(todo)
+        out = {k: fetched[k] if k in fetched else recent[k] for k in keys}
+        lost = [k for k in keys if out[k] is None]
+        if lost:
+            if not self.fill_missing:
+                more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+                raise DataError(
+                    f"imagery {self.url}: chunk {self._where(lost[0])} is missing{more} at mip {self.mip}; "
+                    "set imagery.fill_missing: true to read missing chunks as zeros"
+                )
+            with self._lock:
+                self.missing_chunks += len(lost)
+        kept = sum(a.nbytes for a in out.values() if a is not None)
+        self._recent = out if kept <= self.keep_mb * 2**20 else {}
         return out
+
+    def _where(self, k: tuple[int, int, int]) -> str:
+        """A chunk as a user finds it: its file name, or its bounds, Morton code and shard file."""
+        if self.sharding is None:
+            return f"{self.key}/{self._name(k)}"
+        codes, files, _ = self._locations([k])
+        return f"{self._name(k)} (Morton code {int(codes[0])} in {self.key}/{files[0]})"
+
+    def _read_unsharded(self, keys: list[tuple[int, int, int]]):
+        starts = self.vol_lo + np.asarray(keys, dtype=np.int64) * self.chunk
+        stops = np.minimum(starts + self.chunk, self.vol_hi)
+        dims = [tuple(d) for d in (stops - starts).tolist()]
+        # The precomputed chunk file name, "x0-x1_y0-y1_z0-z1", built from plain ints: this runs for every chunk.
+        names = [f"{a[0]}-{b[0]}_{a[1]}-{b[1]}_{a[2]}-{b[2]}" for a, b in zip(starts.tolist(), stops.tolist())]
+        if self.local and self.encoding == "raw" and self.channels == 1:
+            # Page-cache reads are cheaper than handing work to threads, and a raw chunk needs no decoding: a
+            # zero-copy Fortran-ordered view of its bytes (anything unexpected goes through _decode's checks).
+            out = {}
+            itemsize = self.dtype.itemsize
+            for k, name, d in zip(keys, names, dims):
+                content = self._get(name, None)
+                if content and len(content) == itemsize * d[0] * d[1] * d[2]:
+                    out[k] = np.frombuffer(content, dtype=self.dtype).reshape(d, order="F")
+                else:
+                    out[k] = self._decode(content, d, f"chunk {name}")
+            return out
+
+        def one(i: int) -> np.ndarray | None:
+            return self._decode(self._get(names[i], None), dims[i], f"chunk {names[i]}")
+
+        arrays = self._map(one, list(range(len(keys))))
+        return dict(zip(keys, arrays))
+
+    def _locations(self, keys: list[tuple[int, int, int]]) -> tuple[np.ndarray, list[str], list[int]]:
+        """Compressed Morton code, shard file name and minishard number of each chunk."""
+        from cloudvolume.datasource.precomputed.common import compressed_morton_code
+
+        spec = self.sharding
+        codes = np.asarray(compressed_morton_code(np.asarray(keys), self.grid), dtype=np.uint64).reshape(-1)
+        if spec.hash == "identity":
+            ids = codes >> np.uint64(spec.preshift_bits)
+            mini = (ids & np.uint64(spec.minishard_mask)).astype(np.int64).tolist()
+            shard = ((ids & np.uint64(spec.shard_mask)) >> np.uint64(spec.minishard_bits)).tolist()
+            width = math.ceil(int(spec.shard_bits) / 4)
+            files = [format(int(s), "x").zfill(width) + ".shard" for s in shard]
+        else:
+            locs = [spec.compute_shard_location(int(c)) for c in codes.tolist()]
+            files = [f"{loc.shard_number}.shard" for loc in locs]
+            mini = [int(loc.minishard_number) for loc in locs]
+        return codes, files, mini
+
+    def _read_sharded(self, keys: list[tuple[int, int, int]]):
+        spec = self.sharding
+        codes, files, mini = self._locations(keys)
+        index_len = spec.index_length()
+
+        # 1. fixed shard indices (one small range per shard file, cached)
+        todo = sorted({f for f in files if f not in self._shard_index})
+        for f, content in zip(todo, self._map(lambda f: self._get(f, f"shard index of {self.key}/{f}", 0, index_len), todo)):
+            if content is not None and len(content) != index_len:
+                raise DataError(f"imagery {self.url}: shard index of {self.key}/{f}: {len(content)} bytes, expected {index_len}")
+            # Offsets in the fixed index count from the end of the index itself.
+            self._shard_index[f] = None if not content else np.frombuffer(content, dtype="<u8").reshape(-1, 2).astype(np.int64) + index_len
+
+        # 2. minishard indices (cached)
+        todo_ms = sorted({(f, m) for f, m in zip(files, mini) if (f, m) not in self._minishard})
+        ranges = []
+        for f, m in todo_ms:
+            index = self._shard_index[f]
+            if index is None or index[m, 0] == index[m, 1]:
+                self._minishard[(f, m)] = {}
+            else:
+                ranges.append((f, m, int(index[m, 0]), int(index[m, 1])))
+
+        def fetch_minishard(r):
+            f, m, a, b = r
+            what = f"minishard {m} index of {self.key}/{f}"
+            return self._decode_minishard(self._get(f, what, a, b), what)
+
+        for (f, m, _, _), table in zip(ranges, self._map(fetch_minishard, ranges)):
+            self._minishard[(f, m)] = table
+        if len(self._shard_index) > MAX_INDEX_CACHE or len(self._minishard) > MAX_INDEX_CACHE:
+            keep_s, keep_m = {f: self._shard_index[f] for f in set(files)}, {(f, m): self._minishard[(f, m)] for f, m in zip(files, mini)}
+            self._shard_index, self._minishard = keep_s, keep_m
+
+        # 3. chunk data: byte ranges, merged where they touch (Morton order keeps neighbours adjacent)
+        out: dict[tuple[int, int, int], np.ndarray | None] = {}
+        wanted = []
+        for k, code, f, m in zip(keys, codes.tolist(), files, mini):
+            span = self._minishard[(f, m)].get(int(code))
+            if span is None:
+                out[k] = None
+            else:
+                wanted.append((f, span[0], span[1], k))
+        wanted.sort()
+        # Merged ranges save requests, but each bundle is decoded by one worker: keep at least as many bundles as
+        # workers so decoding still runs in parallel.
+        per_bundle = max(1, -(-len(wanted) // self.fetch_threads))
+        bundles: list[list[tuple[str, int, int, tuple[int, int, int]]]] = []
+        for item in wanted:
+            last = bundles[-1] if bundles else None
+            if (
+                last
+                and len(last) < per_bundle
+                and last[-1][0] == item[0]
+                and last[-1][2] == item[1]
+                and item[2] - last[0][1] <= MAX_BUNDLE_BYTES
+            ):
+                last.append(item)
+            else:
+                bundles.append([item])
+
+        def fetch_bundle(bundle):
+            f, a, b = bundle[0][0], bundle[0][1], bundle[-1][2]
+            what = f"chunk {self._name(bundle[0][3])} in {self.key}/{f}"
+            content = self._get(f, what, a, b)
+            if content is None:
+                raise DataError(f"imagery {self.url}: {what}: the shard file vanished while reading it")
+            decoded = []
+            for _, s, e, k in bundle:
+                part = content[s - a : e - a]
+                what_k = f"chunk {self._name(k)} in {self.key}/{f}"
+                if spec.data_encoding != "raw":
+                    part = _decompress(part, spec.data_encoding, what_k, self.url)
+                decoded.append((k, self._decode(part, self._dims(k), what_k)))
+            return decoded
+
+        for part in self._map(fetch_bundle, bundles):
+            out.update(part)
+        return out
+
+    def _decode_minishard(self, content: bytes | None, what: str) -> dict[int, tuple[int, int]]:
+        """Minishard index -> {chunk id: (start, stop)} in shard-file bytes."""
+        if not content:
+            return {}
+        enc = self.sharding.minishard_index_encoding
+        if enc != "raw":
+            content = _decompress(content, enc, what, self.url)
+        raw = np.frombuffer(content, dtype="<u8")
+        if raw.size % 3:
+            raise DataError(f"imagery {self.url}: {what}: {len(content)} bytes is not a whole number of entries")
+        table = raw.reshape(3, -1).astype(np.int64)
+        # Ids and offsets are delta-coded; each offset counts from the end of the previous chunk.
+        ids = np.cumsum(table[0].astype(np.uint64))
+        sizes = table[2]
+        starts = np.cumsum(table[1] + np.concatenate([[0], sizes[:-1]])) + self.sharding.index_length()
+        return {int(i): (int(s), int(s + n)) for i, s, n in zip(ids.tolist(), starts.tolist(), sizes.tolist())}
+
+    # --------------------------------------------------------------------------------------------------- cubes
 
     def needed_chunks(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Unique chunk grid indices (x, y, z) that the boxes touch inside the volume."""
@@ -146,64 +394,35 @@ class CubeReader:
                         found.add((cx, cy, cz))
         return np.array(sorted(found, key=lambda c: (c[2], c[1], c[0])), dtype=np.int64).reshape(-1, 3)
 
-    def _runs(self, chunks: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Group needed chunks into maximal runs along x, so one download covers several chunks."""
-        start = prev = None
-        for c in chunks:
-            if prev is not None and c[1] == prev[1] and c[2] == prev[2] and c[0] == prev[0] + 1:
-                prev = c
-                continue
-            if start is not None:
-                yield start, prev
-            start = prev = c
-        if start is not None:
-            yield start, prev
+    def cubes(self, centers_xyz: np.ndarray, shape_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cubes (n, Z, Y, X) around ``centers_xyz`` (voxels at this mip), the edge flags and missing-chunk counts.
 
-    def _read_runs(self, chunks: np.ndarray) -> dict[tuple[int, int, int], np.ndarray]:
-        """Every listed chunk through ``CloudVolume.download``, one call per run along x (sharded volumes)."""
-        runs = list(self._runs(chunks))
-
-        def fetch(run: tuple[np.ndarray, np.ndarray]) -> list[tuple[tuple[int, int, int], np.ndarray]]:
-            first, last = run
-            lo = self.vol_lo + first * self.chunk
-            hi = np.minimum(self.vol_lo + (last + 1) * self.chunk, self.vol_hi)
-            block = self._download(lo, hi)
-            out = []
-            for cx in range(int(first[0]), int(last[0]) + 1):
-                x0 = (cx - first[0]) * self.chunk[0]
-                out.append(((cx, int(first[1]), int(first[2])), block[x0 : x0 + self.chunk[0]]))
-            return out
-
-        result: dict[tuple[int, int, int], np.ndarray] = {}
-        if self.threads == 1 or len(runs) < 2:
-            for part in map(fetch, runs):
-                result.update(part)
-            return result
-        with ThreadPoolExecutor(self.threads) as pool:
-            for part in pool.map(fetch, runs):
-                result.update(part)
-        return result
-
-    def cubes(self, centers_xyz: np.ndarray, shape_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Cubes (n, Z, Y, X) around ``centers_xyz`` (voxels at this mip); outside voxels are 0 and flagged."""
+        Voxels outside the volume and voxels of missing chunks are 0. ``edge[i]`` is True when cube i crosses the
+        volume boundary; ``missing[i]`` counts the chunks cube i overlaps that do not exist (0 = fully read).
+        """
         lo, hi = cube_bounds(np.asarray(centers_xyz, dtype=np.int64).reshape(-1, 3), shape_zyx)
         edge = ((lo < self.vol_lo) | (hi > self.vol_hi)).any(axis=1)
         chunks = self.read_chunks(self.needed_chunks(lo, hi))
         out = np.zeros((len(lo), *shape_zyx), dtype=self.dtype)
+        missing = np.zeros(len(lo), dtype=np.int64)
         for n in range(len(lo)):
-            self._fill(out[n], lo[n], hi[n], chunks)
-        return out, edge
+            missing[n] = self._fill(out[n], lo[n], hi[n], chunks)
+        with self._lock:
+            self.cubes_with_missing += int((missing > 0).sum())
+        return out, edge, missing
 
-    def _fill(self, cube: np.ndarray, lo: np.ndarray, hi: np.ndarray, chunks: dict) -> None:
+    def _fill(self, cube: np.ndarray, lo: np.ndarray, hi: np.ndarray, chunks: dict) -> int:
+        """Copy every chunk's share into ``cube``; return how many of its chunks were missing (left 0)."""
         # Plain ints: this runs for every cube x chunk pair, and numpy scalar arithmetic costs more than the copy.
         lo_, hi_ = lo.tolist(), hi.tolist()
         vlo, vhi, size = self.vol_lo.tolist(), self.vol_hi.tolist(), self.chunk.tolist()
         clo = [max(lo_[i], vlo[i]) for i in range(3)]
         chi = [min(hi_[i], vhi[i]) for i in range(3)]
         if any(chi[i] <= clo[i] for i in range(3)):
-            return
+            return 0
         first = [(clo[i] - vlo[i]) // size[i] for i in range(3)]
         last = [(chi[i] - 1 - vlo[i]) // size[i] for i in range(3)]
+        lost = 0
         for cx in range(first[0], last[0] + 1):
             x0 = vlo[0] + cx * size[0]
             xa, xb = max(clo[0], x0), min(chi[0], x0 + size[0])
@@ -211,11 +430,109 @@ class CubeReader:
                 y0 = vlo[1] + cy * size[1]
                 ya, yb = max(clo[1], y0), min(chi[1], y0 + size[1])
                 for cz in range(first[2], last[2] + 1):
+                    block = chunks[(cx, cy, cz)]
+                    if block is None:
+                        lost += 1
+                        continue
                     z0 = vlo[2] + cz * size[2]
                     za, zb = max(clo[2], z0), min(chi[2], z0 + size[2])
-                    src = chunks[(cx, cy, cz)][xa - x0 : xb - x0, ya - y0 : yb - y0, za - z0 : zb - z0]
+                    src = block[xa - x0 : xb - x0, ya - y0 : yb - y0, za - z0 : zb - z0]
                     # Chunks are X, Y, Z; cubes are Z, Y, X.
                     cube[za - lo_[2] : zb - lo_[2], ya - lo_[1] : yb - lo_[1], xa - lo_[0] : xb - lo_[0]] = src.T
+        return lost
+
+
+# -------------------------------------------------------------------------------------------------------- storage
+
+
+class _Store:
+    """Fetches objects under one scale folder: ``get(name, start, stop)`` -> bytes, or None when absent."""
+
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> bytes | None:
+        raise NotImplementedError
+
+
+class _LocalStore(_Store):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def get(self, name, start=None, stop=None):
+        path = f"{self.folder}/{name}"
+        try:
+            if start is None:
+                return _read_local(path)
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(stop - start)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except PermissionError as exc:
+            raise _Fatal(exc.strerror or str(exc)) from None
+        except OSError as exc:  # EIO and friends on network file systems come and go
+            raise _Transient(f"{exc.__class__.__name__}: {exc}") from None
+        except Exception as exc:  # a compressed variant that does not decompress
+            raise _Fatal(f"unreadable ({exc.__class__.__name__}: {_first_line(exc)})") from None
+        if len(data) != stop - start:
+            raise _Fatal(f"file ends at byte {start + len(data)}, wanted bytes {start}-{stop} (truncated shard?)")
+        return data
+
+
+class _HttpStore(_Store):
+    def __init__(self, folder: str, connections: int, timeout_s: float) -> None:
+        import urllib3
+
+        self.folder = folder
+        self.http = urllib3.PoolManager(num_pools=4, maxsize=connections, block=False, retries=False,
+                                        timeout=urllib3.Timeout(connect=min(10.0, timeout_s), read=timeout_s))  # fmt: skip
+        self.errors = urllib3.exceptions.HTTPError
+
+    def get(self, name, start=None, stop=None):
+        headers = {"Range": f"bytes={start}-{stop - 1}"} if start is not None else {"Accept-Encoding": "gzip"}
+        try:
+            resp = self.http.request("GET", f"{self.folder}/{name}", headers=headers)
+            data = resp.data
+        except self.errors as exc:  # resets, timeouts, refused connections, truncated bodies
+            raise _Transient(f"{exc.__class__.__name__}: {_first_line(exc)}") from None
+        status = resp.status
+        if status in (404, 403):
+            # S3 answers 403 for an absent key when the bucket cannot be listed: missing, like cloudfiles says.
+            return None
+        if status >= 500 or status in (408, 429):
+            raise _Transient(f"HTTP {status}")
+        if status not in (200, 206):
+            raise _Fatal(f"HTTP {status}")
+        if start is not None:
+            if status == 200:  # a server that ignores Range sends the whole object
+                data = data[start:stop]
+            if len(data) != stop - start:
+                raise _Transient(f"got {len(data)} bytes of range {start}-{stop}")
+        return data
+
+
+class _CloudFilesStore(_Store):
+    def __init__(self, folder: str) -> None:
+        from cloudfiles import CloudFiles
+
+        self.cf = CloudFiles(folder)
+
+    def get(self, name, start=None, stop=None):
+        request = {"path": name} if start is None else {"path": name, "start": start, "end": stop}
+        try:
+            (result,) = self.cf.get([request])
+        except Exception as exc:
+            raise _Transient(f"{exc.__class__.__name__}: {_first_line(exc)}") from None
+        if result.get("error") is not None:
+            raise _Transient(f"{result['error'].__class__.__name__}: {_first_line(result['error'])}")
+        return result.get("content")
+
+
+def _make_store(cloudpath: str, key: str, connections: int, timeout_s: float) -> _Store:
+    folder = cloudpath.rstrip("/") + "/" + key
+    if folder.startswith("file://"):
+        return _LocalStore(folder[len("file://") :])
+    if folder.startswith(("http://", "https://")):
+        return _HttpStore(folder, connections, timeout_s)
+    return _CloudFilesStore(folder)
 
 
 # Suffixes cloud-volume/cloudfiles give compressed chunk files, in the order cloudfiles tries them.
@@ -224,22 +541,29 @@ _SUFFIXES = (("", None), (".gz", "gzip"), (".br", "br"), (".zstd", "zstd"), (".x
 
 def _read_local(path: str) -> bytes | None:
     """A local chunk file's decompressed bytes, or None when no variant exists (a missing chunk)."""
-    from cloudfiles import compression
-
     for suffix, method in _SUFFIXES:
         try:
             with open(path + suffix, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             continue
-        return compression.decompress(data, method) if method else data
+        if method is None:
+            return data
+        from cloudfiles import compression
+
+        return compression.decompress(data, method)
     return None
 
 
-def _transient(exc: Exception) -> bool:
-    """Network hiccups are retried; missing data and programming errors are not."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError):
-        return not isinstance(exc, (FileNotFoundError, PermissionError))
-    return exc.__class__.__name__ in {"HTTPError", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError", "SSLError"}
+def _decompress(data: bytes, method: str, what: str, url: str) -> bytes:
+    from cloudfiles import compression
+
+    try:
+        return compression.decompress(data, method)
+    except Exception as exc:
+        raise DataError(f"imagery {url}: {what}: cannot {method}-decompress ({exc.__class__.__name__})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

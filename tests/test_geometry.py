@@ -43,12 +43,13 @@ def test_cubes_match_volume_exactly_including_edges(random_volume, shape_zyx):
         [[50, 45, 15], [0, 0, 0], [99, 89, 29], [3, 80, 2], [70, 2, 28], [31, 31, 7], [32, 32, 8], [120, 45, 15]]
     )
     reader = CubeReader(url, mip=0, threads=2)
-    cubes, edge = reader.cubes(centers, shape_zyx)
+    cubes, edge, missing = reader.cubes(centers, shape_zyx)
     for n, c in enumerate(centers):
         np.testing.assert_array_equal(cubes[n], expected_cube(data, c, shape_zyx), err_msg=f"center {c.tolist()}")
     Z, Y, X = shape_zyx
     inside = [(c[0] - X // 2 >= 0 and c[0] - X // 2 + X <= 100 and c[1] - Y // 2 >= 0 and c[1] - Y // 2 + Y <= 90 and c[2] - Z // 2 >= 0 and c[2] - Z // 2 + Z <= 30) for c in centers]
     assert edge.tolist() == [not v for v in inside]
+    assert not missing.any()  # voxels outside the volume are not missing chunks
 
 
 def test_table_positions_at_mip0_and_mip1(tmp_path):
@@ -61,7 +62,7 @@ def test_table_positions_at_mip0_and_mip1(tmp_path):
     table = np.array([[60, 70, 6], [4, 124, 0], [127, 3, 11]])
     for url, res, data in ((url0, (8, 8, 40), fine), (url1, (16, 16, 40), coarse)):
         centers = to_voxels(table, (4, 4, 40), res)
-        cubes, _ = CubeReader(url, mip=0).cubes(centers, (4, 8, 8))
+        cubes, _, _ = CubeReader(url, mip=0).cubes(centers, (4, 8, 8))
         for n, c in enumerate(centers):
             np.testing.assert_array_equal(cubes[n], expected_cube(data, c, (4, 8, 8)))
 
@@ -70,10 +71,10 @@ def test_nonzero_voxel_offset(tmp_path):
     data = np.random.default_rng(5).integers(1, 256, size=(40, 40, 10), dtype=np.uint8)
     url = make_volume(tmp_path / "off", data, chunk=(16, 16, 4), offset=(100, 200, 5))
     centers = np.array([[120, 220, 10], [100, 200, 5], [139, 239, 14]])
-    cubes, edge = CubeReader(url).cubes(centers, (4, 8, 8))
+    cubes, edge, missing = CubeReader(url).cubes(centers, (4, 8, 8))
     for n, c in enumerate(centers):
         np.testing.assert_array_equal(cubes[n], expected_cube(data, c, (4, 8, 8), offset=(100, 200, 5)))
-    assert edge.tolist() == [False, True, True]
+    assert edge.tolist() == [False, True, True] and missing.tolist() == [0, 0, 0]
 
 
 def test_each_chunk_read_once(random_volume, monkeypatch):
@@ -109,9 +110,10 @@ def test_cubes_match_the_synthetic_world_exactly(tmp_path, mip):
     positions = table[["ctr_pt_position_x", "ctr_pt_position_y", "ctr_pt_position_z"]].to_numpy()
     centers = to_voxels(positions, (4, 4, 40), vol.resolution)
     shape = (16, 24, 24)
-    cubes, edge = CubeReader("file://" + str(root / "em"), mip=mip).cubes(centers, shape)
+    cubes, edge, missing = CubeReader("file://" + str(root / "em"), mip=mip).cubes(centers, shape)
     for n, c in enumerate(centers):
         np.testing.assert_array_equal(cubes[n], expected_cube(data, c, shape), err_msg=f"synapse {table['id'][n]}")
     assert edge.any(), "the world should place some synapses within half a cube of its edge"
     lo, hi = cube_bounds(centers, shape)
     assert edge.tolist() == ((lo < 0) | (hi > np.asarray(data.shape))).any(axis=1).tolist()
+    assert not missing.any()
