@@ -1,16 +1,20 @@
-"""Non-image baselines: the majority class, a leak-free connectivity model, and the original leaky 'meta model'.
+"""Non-image baselines: the majority class, the postsynaptic target compartment, a leak-free connectivity model, and
+the original leaky 'meta model'.
 
 The original notebooks' 94% "connectivity meta model" scored each synapse by the excitatory fraction of its own
 presynaptic neuron among training synapses. Under a synapse-level split the same neuron's other synapses sit in
 train, so that feature is the label. ``leaky_presynaptic_fraction`` reproduces it to show the leak; under a
 neuron-disjoint split it collapses to chance. ``connectivity_baseline`` only uses information a held-out neuron
 could legitimately have: its synapse size and what *other* neurons' training synapses onto the same postsynaptic
-partner say.
+partner say. ``target_baseline`` scores the strongest non-image shortcut on real data: inhibitory axons mostly contact
+dendritic shafts and somata, excitatory ones mostly spines (MICrONS ``synapse_target_predictions_ssa``); a model that
+does not beat it has learned little from the EM.
 
 Usage::
 
     train, test = syn[syn.split == "train"], syn[syn.split == "test"]
     p_major = majority_baseline(train, test)
+    p_target = target_baseline(train, test)          # needs a `target` column (spine / shaft / soma)
     p_conn = connectivity_baseline(train, test, seed=0)
     p_leak = leaky_presynaptic_fraction(train, test)
 """
@@ -44,6 +48,27 @@ def majority_baseline(train: pd.DataFrame, evaluate: pd.DataFrame) -> np.ndarray
         probs = majority_baseline(train, test)
     """
     return np.full(len(evaluate), 1.0 if _train_prior(train) >= 0.5 else 0.0)
+
+
+def target_baseline(
+    train: pd.DataFrame, evaluate: pd.DataFrame, *, prior_strength: float = PRIOR_STRENGTH
+) -> np.ndarray:
+    """P(excitatory) per row of ``evaluate`` from its postsynaptic target compartment alone: the excitatory fraction
+    of training synapses with the same ``target`` tag, shrunk towards the training prior with ``prior_strength``
+    pseudo-synapses. A tag never seen in training, or a missing one (NaN: no prediction for that synapse), gets the
+    prior. Only ``train``'s labels are read.
+
+    Usage::
+
+        probs = target_baseline(train, test)   # both frames carry `target` in {spine, shaft, soma}
+    """
+    for name, frame in (("training", train), ("evaluated", evaluate)):
+        if "target" not in frame:
+            raise ValueError(f"the {name} frame has no 'target' column (postsynaptic compartment per synapse)")
+    prior = _train_prior(train)
+    per_tag = train.groupby("target")["label"].agg(n="size", e="sum")  # NaN tags drop out here
+    fraction = (per_tag["e"] + prior_strength * prior) / (per_tag["n"] + prior_strength)
+    return evaluate["target"].map(fraction).fillna(prior).to_numpy(dtype=np.float64)
 
 
 def connectivity_features(frame: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:

@@ -37,7 +37,13 @@ class RunConfig:
 
 @dataclass
 class WorldConfig:
-    """The synthetic MICrONS-like world: a precomputed EM volume (8x8x40 nm mip 0) and CAVE-schema tables."""
+    """The synthetic MICrONS-like world: a precomputed EM volume (8x8x40 nm mip 0) and CAVE-schema tables, plus
+    ``truth.csv`` (every presynaptic neuron's true class) and a spine/shaft/soma target table.
+
+    Variants are plain overrides of these keys. "Steep clefts, low jitter" (the cleft readable within one section):
+    ``world.cleft_tilt_deg=15 world.annotation_jitter_nm=[10,10,0]``; fainter cues: ``world.cue_strength=0.7``;
+    uneven sections: ``world.section_contrast_jitter=0.15``; noisy cell-type table: ``world.label_noise=0.1``.
+    """
 
     path: str = "logs/world"
     seed: int = 0
@@ -46,13 +52,30 @@ class WorldConfig:
     n_neurons: int = 120
     n_synapses: int = 2000
     excitatory_fraction: float = 0.55
-    unlabeled_fraction: float = 0.05
+    unlabeled_fraction: float = 0.05  # presynaptic neurons left out of the cell-type table (orphans)
+    orphan_min_synapses: int = 3  # each orphan gets at least this many synapses (labelled neurons at least 3)
+    label_noise: float = 0.0  # fraction of labelled neurons whose cell-type row names the other class
     difficulty: float = 0.3
+    # Class cues: each neuron shows its class with a strength drawn around cue_strength (coefficient of variation
+    # neuron_cue_spread; some neurons look ambiguous) and each synapse scatters around its neuron's strength
+    # (sd synapse_cue_jitter, in units of the E/I gap), so neurons of one class overlap.
+    cue_strength: float = 1.0
+    neuron_cue_spread: float = 0.5
+    synapse_cue_jitter: float = 0.4
     missing_section_rate: float = 0.01
     misaligned_section_rate: float = 0.02
     # How far a table's synapse points sit from the true cleft centre (uniform, +-x, y, z nm): annotations are not
     # exact, and in z a few 40 nm sections off is common, so one section through the table point can miss the cleft.
     annotation_jitter_nm: list[float] = field(default_factory=lambda: [40.0, 40.0, 160.0])
+    # Largest angle between a cleft's normal and the section plane: 90 = isotropic clefts; small = steep clefts
+    # (standing across the sections), so any section through one shows its whole profile: both membranes, the
+    # cleft and the densities side by side.
+    cleft_tilt_deg: float = 90.0
+    section_contrast: float = 1.0  # scales every structure's contrast against the cytoplasm
+    section_contrast_jitter: float = 0.0  # sd of a per-section log factor on that contrast
+    # Postsynaptic target compartment shares (spine, shaft, soma) by presynaptic class.
+    targets_excitatory: list[float] = field(default_factory=lambda: [0.80, 0.18, 0.02])
+    targets_inhibitory: list[float] = field(default_factory=lambda: [0.25, 0.55, 0.20])
     layout: Literal["dense", "sparse"] = "dense"
 
 
@@ -98,6 +121,10 @@ class SplitConfig:
     max_per_neuron: int = 0  # cap each presynaptic neuron's synapses (seeded subsample); 0 = keep all
     spatial_block_um: float = 0.0  # > 0: drop synapses that share a block of this edge with another split's
     balance_classes: bool = False  # subsample the majority class in each split to the minority's count
+    # Per class, every split's share of neurons and of synapses must lie within this of its fraction (or of 1/folds).
+    tolerance: float = 0.05
+    folds: int = 0  # >= 3: k-fold cross-validation by neuron (fractions unused); 0: one split by fractions
+    fold: int = 0  # with folds: the test fold; val is fold (fold + 1) % folds, train the rest
 
 
 @dataclass

@@ -3,6 +3,9 @@
 The whole pipeline (tables -> cubes -> training -> evaluation) runs against this world on a laptop CPU. The volume
 is a Neuroglancer precomputed image layer (mip 0 at 8x8x40 nm, mip 1 at 16x16x40 nm); the tables use the
 ``synapses_pni_2`` and ``aibs_metamodel_celltypes_v661`` schemas with positions in 4x4x40 nm units, as MICrONS does.
+Beside them: ``synapse_target_predictions_ssa.csv.gz`` (id, synapse_id, tag in spine/shaft/soma per synapse) and
+``truth.csv``, every presynaptic neuron's true class, whether the cell-type table lists it (orphans: not) and
+whether the table names the wrong class (``label_noise``). Only tests and reports read the truth file.
 
 Usage::
 
@@ -15,6 +18,15 @@ each synapse is a presynaptic bouton and a postsynaptic profile that meet on a f
 two membranes, a vesicle cloud on the presynaptic side and densities on either side. Excitatory synapses are
 asymmetric (thick postsynaptic density, round ~42 nm vesicles); inhibitory ones are symmetric (thin densities on both
 sides, flattened pleomorphic vesicles). ``difficulty`` pulls both classes toward each other and raises noise.
+
+Class cues are not uniform: each neuron shows its class with its own strength (gamma-distributed around
+``cue_strength``; a few neurons look ambiguous) and each synapse scatters around its neuron, so a single synapse can
+look like the other class and a neuron's call firms up with more synapses, as on real data. The postsynaptic
+profile follows the synapse's target: a small spine head, a gently curved shaft, or a nearly flat soma.
+
+Every optional ingredient draws from its own random stream (label noise, cues, targets, section contrast), so two
+worlds that differ only in, say, ``label_noise`` have byte-identical imagery, and two that differ only in
+``cleft_tilt_deg`` or ``annotation_jitter_nm`` share every neuron, class, count and target.
 """
 
 from __future__ import annotations
@@ -35,11 +47,13 @@ from synhpc.atomic import write_csv, write_text
 from synhpc.config import WorldConfig, digest_of
 from synhpc.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIP0_NM = np.array([8.0, 8.0, 40.0])
 TABLE_NM = np.array([4.0, 4.0, 40.0])
 SYNAPSE_TABLE = "synapses_pni_2.csv.gz"
 CELL_TYPE_TABLE = "aibs_metamodel_celltypes_v661.csv.gz"
+TARGET_TABLE = "synapse_target_predictions_ssa.csv.gz"
+TRUTH_FILE = "truth.csv"
 SYNAPSE_COLUMNS = [
     "id", "valid", "pre_pt_supervoxel_id", "pre_pt_root_id", "post_pt_supervoxel_id", "post_pt_root_id", "size",
     "pre_pt_position_x", "pre_pt_position_y", "pre_pt_position_z",
@@ -49,6 +63,12 @@ SYNAPSE_COLUMNS = [
 CELL_TYPE_COLUMNS = [
     "id", "valid", "target_id", "classification_system", "cell_type",
     "pt_supervoxel_id", "pt_root_id", "pt_position_x", "pt_position_y", "pt_position_z",
+]  # fmt: skip
+TARGET_COLUMNS = ["id", "synapse_id", "tag"]
+TARGET_TAGS = ("spine", "shaft", "soma")
+TRUTH_COLUMNS = [
+    "pre_root_id", "true_class", "true_label", "in_cell_type_table", "table_class", "mislabelled", "n_synapses",
+    "cue_strength",
 ]  # fmt: skip
 E_TYPES = ["23P", "4P", "5P-IT", "5P-ET", "5P-NP", "6P-IT", "6P-CT"]
 I_TYPES = ["BC", "BPC", "MC", "NGC"]
@@ -73,13 +93,23 @@ _HALF_CLEFT = 9.0
 _CYTO = 160.0
 _WINDOW_NM = 360.0  # half-extent of the box a synapse is drawn in
 _VES_BOX = (4, 4, 1)  # half-extent (x, y, z voxels) of the box a vesicle is drawn in
+# Nm added to the postsynaptic profile's sphere radius per target (spine, shaft, soma): a spine head is small and
+# round; a 0.5-1 um dendritic shaft curves gently at the scale of a synapse; a soma is nearly flat.
+_POST_EXTRA_NM = np.array([0.0, 250.0, 1500.0])
+# Dirichlet concentration of each neuron's target shares around its class's shares: neurons of one class differ
+# in whom they contact (basket cells favour somata, Martinotti cells distal dendrites), but not wildly.
+_TARGET_CONCENTRATION = 12.0
+# The class-cue coordinate (+1 = excitatory, -1 = inhibitory at full strength) is clipped here, so an unusually
+# strong synapse extrapolates past its class only a little.
+_CUE_LIMIT = 1.5
 
 _Num = TypeVar("_Num", float, np.ndarray)
 
 
 def config_digest(cfg: WorldConfig) -> str:
-    """Hash of the config as sorted JSON: the key recorded in world.json."""
-    return digest_of(dataclasses.asdict(cfg))
+    """Hash of the config and the world format as sorted JSON: the key recorded in world.json (a renderer change
+    bumps FORMAT_VERSION, so old worlds are rebuilt rather than reused)."""
+    return digest_of({"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg)})
 
 
 @dataclass
@@ -94,6 +124,8 @@ class _Plan:
     noise: float
     synapses: pd.DataFrame
     cell_types: pd.DataFrame
+    targets: pd.DataFrame
+    truth: pd.DataFrame
     counts: dict[str, Any]
 
 
@@ -112,6 +144,8 @@ def build_world(cfg: WorldConfig, *, progress: bool = True) -> Path:
     plan = _make_plan(cfg)
     _write_table(plan.synapses, root / SYNAPSE_TABLE)
     _write_table(plan.cell_types, root / CELL_TYPE_TABLE)
+    _write_table(plan.targets, root / TARGET_TABLE)
+    write_csv(plan.truth, root / TRUTH_FILE)
     _write_em(cfg, plan, root, progress)
 
     record = {
@@ -120,7 +154,10 @@ def build_world(cfg: WorldConfig, *, progress: bool = True) -> Path:
         "digest": digest,
         "config": dataclasses.asdict(cfg),
         "resolution_nm": {"mip0": MIP0_NM.tolist(), "mip1": [16.0, 16.0, 40.0], "table_positions": TABLE_NM.tolist()},
-        "files": {"em": "em", "synapses": SYNAPSE_TABLE, "cell_types": CELL_TYPE_TABLE},
+        "files": {
+            "em": "em", "synapses": SYNAPSE_TABLE, "cell_types": CELL_TYPE_TABLE, "targets": TARGET_TABLE,
+            "truth": TRUTH_FILE,
+        },  # fmt: skip
         "counts": plan.counts,
     }
     write_text(manifest, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -135,7 +172,7 @@ def _is_complete(root: Path, digest: str) -> bool:
         recorded = json.loads(manifest.read_text()).get("digest")
     except (OSError, ValueError):
         return False
-    needed = [root / SYNAPSE_TABLE, root / CELL_TYPE_TABLE, root / "em" / "info"]
+    needed = [root / name for name in (SYNAPSE_TABLE, CELL_TYPE_TABLE, TARGET_TABLE, TRUTH_FILE, "em/info")]
     return recorded == digest and all(p.exists() for p in needed)
 
 
@@ -144,12 +181,34 @@ def _check(cfg: WorldConfig) -> None:
         raise ConfigError("world.shape_vx must be 3 integers >= 8 (x, y, z)")
     if len(cfg.chunk_vx) != 3 or min(cfg.chunk_vx) < 1:
         raise ConfigError("world.chunk_vx must be 3 positive integers (x, y, z)")
-    if cfg.n_neurons < 1 or cfg.n_synapses < 3 * cfg.n_neurons:
-        raise ConfigError("world.n_synapses must be at least 3 * world.n_neurons (every neuron gets >= 3 synapses)")
-    rates = ("excitatory_fraction", "unlabeled_fraction", "difficulty", "missing_section_rate", "misaligned_section_rate")
+    rates = (
+        "excitatory_fraction", "unlabeled_fraction", "label_noise", "difficulty", "missing_section_rate",
+        "misaligned_section_rate",
+    )  # fmt: skip
     for name in rates:
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"world.{name} must lie in [0, 1]")
+    if cfg.orphan_min_synapses < 1:
+        raise ConfigError("world.orphan_min_synapses must be >= 1")
+    n_orphans = int(round(cfg.unlabeled_fraction * cfg.n_neurons))
+    needed = 3 * (cfg.n_neurons - n_orphans) + cfg.orphan_min_synapses * n_orphans
+    if cfg.n_neurons < 1 or cfg.n_synapses < needed:
+        raise ConfigError(
+            f"world.n_synapses must be at least {needed}: "
+            "3 per labelled neuron plus world.orphan_min_synapses per orphan"
+        )
+    for name in ("cue_strength", "section_contrast"):
+        if not getattr(cfg, name) > 0.0:
+            raise ConfigError(f"world.{name} must be positive")
+    for name in ("neuron_cue_spread", "synapse_cue_jitter", "section_contrast_jitter"):
+        if getattr(cfg, name) < 0.0:
+            raise ConfigError(f"world.{name} must be >= 0")
+    if not 0.0 <= cfg.cleft_tilt_deg <= 90.0:
+        raise ConfigError("world.cleft_tilt_deg must lie in [0, 90] (90: isotropic clefts)")
+    for name in ("targets_excitatory", "targets_inhibitory"):
+        shares = getattr(cfg, name)
+        if len(shares) != 3 or min(shares) < 0.0 or abs(sum(shares) - 1.0) > 1e-6:
+            raise ConfigError(f"world.{name} must be 3 shares (spine, shaft, soma) >= 0 that sum to 1")
 
 
 def _rng(cfg: WorldConfig, stream: int, *extra: int) -> np.random.Generator:
@@ -165,18 +224,24 @@ def _make_plan(cfg: WorldConfig) -> _Plan:
     shape = np.array(cfg.shape_vx, dtype=np.int64)
     n_neu, n_syn = cfg.n_neurons, cfg.n_synapses
 
-    # Neurons: which have a cell-type row, their class, and their synapse count (heavy-tailed, >= 3 each).
+    # Neurons: which have a cell-type row, their class, and their synapse count (heavy-tailed, >= 3 each; orphans
+    # >= orphan_min_synapses, so per-root accuracy on them can be measured). Orphans get both classes in the
+    # configured proportion rather than by chance, so a small world still has orphans of each class.
     n_unlab = int(round(cfg.unlabeled_fraction * n_neu))
     n_lab = n_neu - n_unlab
     n_exc = int(round(cfg.excitatory_fraction * n_lab))
     neuron_exc = np.zeros(n_neu, dtype=bool)
     neuron_exc[:n_exc] = True
-    neuron_exc[n_lab:] = rng.random(n_unlab) < cfg.excitatory_fraction
+    neuron_exc[n_lab : n_lab + int(round(cfg.excitatory_fraction * n_unlab))] = True
     labelled = np.arange(n_neu) < n_lab
     order = rng.permutation(n_neu)
     neuron_exc, labelled = neuron_exc[order], labelled[order]
     weights = rng.lognormal(0.0, 1.3, n_neu)
-    counts = 3 + rng.multinomial(n_syn - 3 * n_neu, weights / weights.sum())
+    # Orphans stand for axon fragments without a soma: they miss the far heavy tail (weight capped at the 90th
+    # percentile), so one orphan cannot swallow the synapses a small world needs for training.
+    weights = np.where(labelled, weights, np.minimum(weights, np.exp(1.3 * 1.2816)))
+    floor = np.where(labelled, 3, cfg.orphan_min_synapses)
+    counts = floor + rng.multinomial(n_syn - floor.sum(), weights / weights.sum())
     root_ids = ROOT_BASE + np.sort(rng.choice(10**9, n_neu + 64, replace=False))
     pre_roots, spare_roots = rng.permutation(root_ids[:n_neu]), root_ids[n_neu:]
 
@@ -193,11 +258,11 @@ def _make_plan(cfg: WorldConfig) -> _Plan:
     syn_neuron = rng.permutation(np.repeat(np.arange(n_neu), counts))
     exc = neuron_exc[syn_neuron]
     centre = _place_centres(cfg, shape, rng)
-    normal = rng.standard_normal((n_syn, 3))
-    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    normal = _cleft_normals(cfg, rng, n_syn)
 
-    mix = 0.48 * cfg.difficulty  # each class moves this fraction of the gap toward the other
-    cls = {k: np.where(exc, e + mix * (i - e), i + mix * (e - i)) for k, (i, e) in _CLASS.items()}
+    cue, strength = _class_cues(cfg, neuron_exc, syn_neuron)
+    cls = _class_parameters(cue)
+    target = _draw_targets(cfg, neuron_exc, syn_neuron)
     radius = np.clip(style["radius"][syn_neuron] * rng.lognormal(0.0, 0.12, n_syn), 100.0, 280.0)
     contrast = style["contrast"][syn_neuron]
     dark = style["dark_jitter"][syn_neuron] * contrast
@@ -209,25 +274,34 @@ def _make_plan(cfg: WorldConfig) -> _Plan:
         "pre_dark": cls["pre_dark"] * dark,
         "membrane_dark": _MEMBRANE_DARK * contrast,
         "cleft_bright": _CLEFT_BRIGHT * contrast * rng.uniform(0.8, 1.2, n_syn),
+        "post_extra": _POST_EXTRA_NM[target],
     }
     vesicles = _place_vesicles(rng, centre, normal, radius, cls, style, syn_neuron, contrast)
 
     synapses = _synapse_frame(rng, cfg, shape, centre, normal, radius, syn_neuron, pre_roots, counts, labelled)
     post_pool = synapses["post_pt_root_id"].to_numpy()
-    cell_types = _cell_type_frame(rng, shape, pre_roots, labelled, neuron_exc, spare_roots, post_pool, n_neu)
+    mislabelled = _mislabelled(cfg, labelled)
+    table_exc = neuron_exc ^ mislabelled  # what the cell-type table claims
+    cell_types = _cell_type_frame(rng, shape, pre_roots, labelled, table_exc, spare_roots, post_pool, n_neu)
+    targets = _target_frame(cfg, synapses["id"].to_numpy(), target)
+    truth = _truth_frame(pre_roots, neuron_exc, labelled, table_exc, mislabelled, counts, strength)
 
+    # Counts by class follow the cell-type table (what a pipeline reads); truth.csv holds the true classes.
     lab_syn = labelled[syn_neuron]
+    table_syn = table_exc[syn_neuron]
     summary = {
         "neurons": {
-            "excitatory": int((labelled & neuron_exc).sum()),
-            "inhibitory": int((labelled & ~neuron_exc).sum()),
+            "excitatory": int((labelled & table_exc).sum()),
+            "inhibitory": int((labelled & ~table_exc).sum()),
             "unlabeled": int((~labelled).sum()),
+            "mislabelled": int(mislabelled.sum()),
         },
         "synapses": {
             "total": n_syn,
-            "excitatory": int((lab_syn & exc).sum()),
-            "inhibitory": int((lab_syn & ~exc).sum()),
+            "excitatory": int((lab_syn & table_syn).sum()),
+            "inhibitory": int((lab_syn & ~table_syn).sum()),
             "unlabeled": int((~lab_syn).sum()),
+            "mislabelled": int(mislabelled[syn_neuron].sum()),
             "invalid": int((~synapses["valid"]).sum()),
             "autapses": int((synapses["pre_pt_root_id"] == synapses["post_pt_root_id"]).sum()),
             "vesicles": int(len(vesicles["long"])),
@@ -235,9 +309,106 @@ def _make_plan(cfg: WorldConfig) -> _Plan:
         "cell_type_rows": {
             k: int(v) for k, v in cell_types["classification_system"].value_counts().sort_index().items()
         },
+        "targets": {
+            cls_name: {tag: int(((target == t) & (exc == is_exc)).sum()) for t, tag in enumerate(TARGET_TAGS)}
+            for cls_name, is_exc in (("excitatory", True), ("inhibitory", False))
+        },
     }
     noise = 9.0 + 14.0 * cfg.difficulty
-    return _Plan(shape, centre, normal, params, vesicles, noise, synapses, cell_types, summary)
+    return _Plan(shape, centre, normal, params, vesicles, noise, synapses, cell_types, targets, truth, summary)
+
+
+def _cleft_normals(cfg: WorldConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Unit cleft normals, uniform over the band of the sphere whose elevation out of the section plane is at most
+    cleft_tilt_deg (90: the whole sphere, isotropic). The same draws serve every tilt, so changing the tilt changes
+    nothing else in the world."""
+    u = rng.random((n, 2))
+    nz = (2.0 * u[:, 0] - 1.0) * np.sin(np.radians(cfg.cleft_tilt_deg))
+    phi = 2.0 * np.pi * u[:, 1]
+    r = np.sqrt(1.0 - nz * nz)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), nz], axis=1)
+
+
+def _class_cues(cfg: WorldConfig, neuron_exc: np.ndarray, syn_neuron: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cue coordinate per synapse: +1 looks fully excitatory, -1 fully inhibitory; cue strength per neuron).
+
+    A neuron's strength is gamma-distributed with mean 1 and coefficient of variation neuron_cue_spread, so a few
+    neurons show their class faintly; each synapse adds normal jitter (sd synapse_cue_jitter). Everything is scaled
+    by cue_strength and pulled toward the middle by difficulty (at difficulty 1 the classes sit 4% of the gap apart).
+    """
+    n = len(neuron_exc)
+    cv = cfg.neuron_cue_spread
+    strength = _rng(cfg, 5).gamma(1.0 / cv**2, cv**2, n) if cv > 0 else np.ones(n)
+    jitter = _rng(cfg, 5, 1).standard_normal(len(syn_neuron)) * cfg.synapse_cue_jitter
+    sign = np.where(neuron_exc, 1.0, -1.0)
+    gap = cfg.cue_strength * (1.0 - 0.96 * cfg.difficulty)
+    cue = np.clip(gap * (sign[syn_neuron] * strength[syn_neuron] + jitter), -_CUE_LIMIT, _CUE_LIMIT)
+    return cue, strength
+
+
+def _class_parameters(cue: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-synapse class parameters: the midpoint between the classes moved cue/2 of the gap toward excitatory."""
+    cls = {k: (i + e) / 2.0 + cue / 2.0 * (e - i) for k, (i, e) in _CLASS.items()}
+    # Past +-1 the line extrapolates; keep every quantity physical.
+    lows = {"post_thick": 4.0, "pre_thick": 4.0, "post_dark": 5.0, "pre_dark": 5.0, "ves_radius": 14.0}
+    for name, low in lows.items():
+        cls[name] = np.maximum(cls[name], low)
+    cls["ves_flat"] = np.clip(cls["ves_flat"], 0.3, 1.0)
+    cls["ves_size_cv"] = np.maximum(cls["ves_size_cv"], 0.02)
+    return cls
+
+
+def _draw_targets(cfg: WorldConfig, neuron_exc: np.ndarray, syn_neuron: np.ndarray) -> np.ndarray:
+    """Target index (into TARGET_TAGS) per synapse, from per-neuron shares drawn around the neuron's true class's
+    shares (the biology follows the true class, not the cell-type table)."""
+    rng = _rng(cfg, 6)
+    mean = np.where(neuron_exc[:, None], cfg.targets_excitatory, cfg.targets_inhibitory)
+    shares = rng.gamma(mean * _TARGET_CONCENTRATION + 1e-9)
+    shares /= shares.sum(axis=1, keepdims=True)
+    cum = np.cumsum(shares, axis=1)[syn_neuron]
+    u = rng.random(len(syn_neuron))
+    return (u[:, None] >= cum[:, :2]).sum(axis=1)
+
+
+def _mislabelled(cfg: WorldConfig, labelled: np.ndarray) -> np.ndarray:
+    """label_noise of the labelled neurons, chosen at random, get the other class in the cell-type table."""
+    rng = _rng(cfg, 4)
+    idx = np.flatnonzero(labelled)
+    out = np.zeros(len(labelled), dtype=bool)
+    out[rng.choice(idx, int(round(cfg.label_noise * len(idx))), replace=False)] = True
+    return out
+
+
+def _target_frame(cfg: WorldConfig, synapse_ids: np.ndarray, target: np.ndarray) -> pd.DataFrame:
+    """A synapse_target_predictions_ssa-like table: its own row id, the synapse's id, and the compartment tag."""
+    ids = 10**8 + np.sort(_rng(cfg, 6, 1).choice(9 * 10**8, len(synapse_ids), replace=False))
+    return pd.DataFrame({"id": ids, "synapse_id": synapse_ids, "tag": np.asarray(TARGET_TAGS)[target]})[TARGET_COLUMNS]
+
+
+def _truth_frame(
+    pre_roots: np.ndarray,
+    neuron_exc: np.ndarray,
+    labelled: np.ndarray,
+    table_exc: np.ndarray,
+    mislabelled: np.ndarray,
+    counts: np.ndarray,
+    strength: np.ndarray,
+) -> pd.DataFrame:
+    names = np.where(neuron_exc, "excitatory", "inhibitory")
+    frame = pd.DataFrame(
+        {
+            "pre_root_id": pre_roots,
+            "true_class": names,
+            "true_label": neuron_exc.astype(np.int8),
+            "in_cell_type_table": labelled,
+            "table_class": np.where(labelled, np.where(table_exc, "excitatory", "inhibitory"), ""),
+            "mislabelled": mislabelled,
+            "n_synapses": counts,
+            # Rounded so the file is byte-stable across platforms' float printing.
+            "cue_strength": np.round(strength, 4),
+        }
+    )
+    return frame.sort_values("pre_root_id", kind="stable").reset_index(drop=True)[TRUTH_COLUMNS]
 
 
 def _place_centres(cfg: WorldConfig, shape: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -293,8 +464,10 @@ def _bouton(radius: _Num) -> tuple[_Num, _Num]:
     return r_sphere, np.sqrt(r_sphere**2 - (1.1 * radius) ** 2)
 
 
-def _spine(radius: _Num) -> tuple[_Num, _Num]:
-    r_sphere = 1.1 * radius + 50.0
+def _spine(radius: _Num, extra: float = 0.0) -> tuple[_Num, _Num]:
+    """Postsynaptic profile: sphere radius and its centre's distance beyond the cleft plane (flat face 1.0 R);
+    ``extra`` nm flatten it from a spine head toward a shaft or soma."""
+    r_sphere = 1.1 * radius + 50.0 + extra
     return r_sphere, np.sqrt(r_sphere**2 - (1.0 * radius) ** 2)
 
 
@@ -415,7 +588,9 @@ def _cell_type_frame(
     roots += list(spare_roots[:n_non])
     system += ["nonneuron"] * n_non
     vocab = {"excitatory_neuron": E_TYPES, "inhibitory_neuron": I_TYPES, "nonneuron": NONNEURON_TYPES}
-    cell_type = [vocab[s][rng.integers(len(vocab[s]))] for s in system]
+    # One uniform per row whatever the vocabulary's size, so flipping a row's class shifts no later draw.
+    pick = rng.random(len(system))
+    cell_type = [vocab[s][int(u * len(vocab[s]))] for s, u in zip(system, pick)]
     n = len(roots)
     order = rng.permutation(n)
     pos = rng.integers(0, shape * (MIP0_NM / TABLE_NM).astype(np.int64), (n, 3))
@@ -526,7 +701,7 @@ def _draw_synapse(plan: _Plan, s: int, z0: int, dark: np.ndarray, keep_bg: np.nd
     psd += layer(-off - 2 - p["pre_thick"] / 2, p["pre_thick"] / 2.3, p["pre_dark"])
     total = psd * active
     rb, rb_off = _bouton(radius)
-    rs, rs_off = _spine(radius)
+    rs, rs_off = _spine(radius, p["post_extra"])
     sdf_pre = np.maximum(d + off, np.sqrt(p2 + 2 * rb_off * d + rb_off**2) - rb)
     sdf_post = np.maximum(off - d, np.sqrt(p2 - 2 * rs_off * d + rs_off**2) - rs)
     mem_w2 = 12.0 + blur2
@@ -581,6 +756,11 @@ def _render_slab(
     cyto, membrane = bg.slab(z0, z1)
     _draw_vesicles(plan, z0, z1, dark)
     img = cyto - 75.0 * membrane * keep_bg - dark
+    if cfg.section_contrast != 1.0 or cfg.section_contrast_jitter > 0.0:
+        # Section thickness and staining vary in serial-section EM; the noise below does not scale with it.
+        log_gain = [cfg.section_contrast_jitter * _rng(cfg, 7, z).standard_normal() for z in range(z0, z1)]
+        gain = (cfg.section_contrast * np.exp(np.asarray(log_gain))).astype(np.float32)
+        img = _CYTO + gain[:, None, None] * (img - _CYTO)
     rng = _rng(cfg, 2, z0)
     img += rng.standard_normal(img.shape, dtype=np.float32) * plan.noise
     img = ndimage.gaussian_filter1d(ndimage.gaussian_filter1d(img, 0.7, axis=1), 0.7, axis=2)

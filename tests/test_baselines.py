@@ -9,6 +9,7 @@ from synhpc.baselines import (
     connectivity_features,
     leaky_presynaptic_fraction,
     majority_baseline,
+    target_baseline,
 )
 from synhpc.metrics import binary_metrics, choose_threshold
 from synhpc.splits import assign_splits
@@ -115,3 +116,53 @@ def test_connectivity_baseline_seeded(null_table):
     a = connectivity_baseline(train, test, seed=3)
     np.testing.assert_array_equal(a, connectivity_baseline(train, test, seed=3))
     assert a.shape == (len(test),) and ((a >= 0) & (a <= 1)).all()
+
+
+# Spine / shaft / soma shares per class, as the synthetic world draws them (excitatory axons mostly onto spines).
+_TARGET_P = {1: [0.80, 0.18, 0.02], 0: [0.25, 0.55, 0.20]}
+
+
+def _with_targets(frame, seed=0, informative=True):
+    rng = np.random.default_rng(seed)
+    tags = np.array(["spine", "shaft", "soma"])
+    if informative:
+        u = rng.random(len(frame))
+        cum = np.array([np.cumsum(_TARGET_P[int(v)]) for v in frame["label"]])
+        target = tags[(u[:, None] > cum).sum(axis=1)]
+    else:
+        target = tags[rng.integers(0, 3, len(frame))]
+    return frame.assign(target=target)
+
+
+def test_target_baseline_values_prior_and_missing_tags():
+    train = pd.DataFrame({"target": ["spine", "spine", "spine", "shaft", "shaft", None], "label": [1, 1, 0, 0, 0, 1]})
+    evaluate = pd.DataFrame({"target": ["spine", "shaft", "soma", None]})
+    prior = 3 / 6
+    expected = [
+        (2 + PRIOR_STRENGTH * prior) / (3 + PRIOR_STRENGTH),  # spine: 2 of 3 excitatory
+        (0 + PRIOR_STRENGTH * prior) / (2 + PRIOR_STRENGTH),  # shaft: 0 of 2
+        prior,  # a tag never seen in training
+        prior,  # no prediction for this synapse
+    ]
+    np.testing.assert_allclose(target_baseline(train, evaluate), expected)
+    np.testing.assert_allclose(target_baseline(train, evaluate, prior_strength=0.0)[:2], [2 / 3, 0.0])
+    with pytest.raises(ValueError, match="the evaluated frame has no 'target' column"):
+        target_baseline(train, evaluate.rename(columns={"target": "tag"}))
+
+
+def test_target_baseline_reads_only_training_labels():
+    frame = _with_targets(_table(seed=2))
+    train, test = frame.iloc[:5000], frame.iloc[5000:]
+    a = target_baseline(train, test)
+    b = target_baseline(train, test.assign(label=1 - test["label"]))
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) == 3  # one score per compartment
+
+
+def test_target_baseline_finds_the_compartment_shortcut_on_neuron_disjoint_splits(null_table):
+    informative = _with_targets(null_table, seed=1)
+    split = assign_splits(informative, (0.7, 0.15, 0.15), seed=0)
+    # With these shares the best rule (spine -> excitatory) scores (0.80 + 0.75) / 2 = 0.775 on balanced accuracy.
+    assert abs(_test_score(informative, split, target_baseline) - 0.775) < 0.04
+    # Compartments drawn independently of the class carry nothing.
+    assert abs(_test_score(_with_targets(null_table, seed=1, informative=False), split, target_baseline) - 0.5) < 0.06
