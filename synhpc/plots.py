@@ -1,8 +1,10 @@
-"""PNG plots of a run: confusion matrix, threshold sweep, training curves, ROC, accuracy vs synapses per neuron.
+"""PNG plots of a run: confusion matrix, threshold sweep, training curves, ROC, accuracy vs synapses per neuron,
+reliability diagram.
 
 Usage::
 
     confusion_matrix(summary, run_dir / "confusion_matrix.png")
+    reliability_diagram(test_labels, test_probs, calibrated_probs, run_dir / "reliability.png", temperature=T)
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ matplotlib.use("Agg")  # batch nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import NullFormatter, StrMethodFormatter  # noqa: E402
+from sklearn.metrics import roc_curve as _sk_roc_curve  # noqa: E402
 
+from synhpc.calibration import expected_calibration_error  # noqa: E402
 from synhpc.metrics import roc_auc  # noqa: E402
+from synhpc.neuron_curve import MIN_NEURONS  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -79,17 +84,6 @@ def _splits(frame: pd.DataFrame) -> list:
     return [s for s in _SPLIT_ORDER if s in present] + sorted((s for s in present if s not in _SPLIT_ORDER), key=str)
 
 
-def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1); tied scores move in one diagonal step."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    s, lab = np.asarray(scores, dtype=np.float64)[order], labels[order]
-    last_of_tie = np.concatenate([s[1:] != s[:-1], [True]])
-    tp, fp = np.cumsum(lab)[last_of_tie], np.cumsum(~lab)[last_of_tie]
-    pos, neg = max(int(lab.sum()), 1), max(int((~lab).sum()), 1)
-    return np.concatenate([[0.0], fp / neg]), np.concatenate([[0.0], tp / pos])
-
-
 def roc_curve(pred: pd.DataFrame, path: Path) -> None:
     """Synapse-level ROC curve of each split in ``pred`` (val and test), AUC in the legend.
 
@@ -103,7 +97,8 @@ def roc_curve(pred: pd.DataFrame, path: Path) -> None:
         labels, scores = part["label"].to_numpy(), part["probability"].to_numpy()
         if labels.min() == labels.max():  # one class: no curve exists
             continue
-        fpr, tpr = _roc_points(labels, scores)
+        # Every distinct threshold, so tied scores move in one diagonal step.
+        fpr, tpr, _ = _sk_roc_curve(labels, scores, drop_intermediate=False)
         ax.plot(fpr, tpr, lw=1.5, label=f"{split}: AUC {roc_auc(labels, scores):.3f} (n={len(part)})")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
     ax.set_xlabel("false positive rate (inhibitory called excitatory)")
@@ -115,26 +110,56 @@ def roc_curve(pred: pd.DataFrame, path: Path) -> None:
     _save(fig, Path(path))
 
 
-def accuracy_vs_synapses(curve: pd.DataFrame, path: Path) -> None:
-    """Neuron accuracy (mean-logit and majority-vote rules) against synapses drawn per neuron, one line per split,
-    with the number of neurons behind each point underneath.
+def accuracy_vs_synapses(curve: pd.DataFrame, path: Path, *, min_neurons: int = MIN_NEURONS) -> None:
+    """Neuron accuracy (mean-logit and majority-vote rules) against synapses drawn per neuron, one colour per split,
+    with the 95% bootstrap bands over neurons (shaded for the mean-logit rule, error bars for majority vote), open
+    markers for points resting on fewer than ``min_neurons`` neurons (``low_support``), and the number of neurons
+    behind each point underneath (log scale, dotted line at ``min_neurons``).
 
     Usage::
 
         accuracy_vs_synapses(curve, run_dir / "neuron_accuracy.png")
     """
-    fig, (ax, cnt) = plt.subplots(2, 1, figsize=(5.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, cnt) = plt.subplots(2, 1, figsize=(5.6, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    any_low = False
     for i, split in enumerate(_splits(curve)):
         part = curve[curve["split"] == split].sort_values("k")
+        low = part["low_support"].to_numpy(dtype=bool) if "low_support" in part else part["n_neurons"].to_numpy() < min_neurons
+        any_low |= bool(low.any())
         color = f"C{i}"
-        ax.plot(part["k"], part["accuracy_mean_logit"], marker="o", color=color, label=f"{split}, mean logit")
-        ax.plot(part["k"], part["accuracy_majority"], marker="s", ls="--", color=color, label=f"{split}, majority vote")
-        cnt.plot(part["k"], part["n_neurons"], marker=".", color=color, label=split)
+        # Mean logit (the rule of the neuron-level summary rows): shaded band; majority vote: error bars.
+        for rule, marker, ls, name in (("mean_logit", "o", "-", "mean logit"), ("majority", "s", "--", "majority vote")):
+            col = f"accuracy_{rule}"
+            shown = part[col].notna().to_numpy()
+            ax.plot(part["k"], part[col], ls=ls, color=color, label=f"{split}, {name}")
+            ax.plot(part["k"][shown & ~low], part[col][shown & ~low], ls="none", marker=marker, color=color)
+            ax.plot(part["k"][shown & low], part[col][shown & low], ls="none", marker=marker, mfc="none", mec=color, mew=1.2)
+            if f"{col}_lo" not in part or not part[f"{col}_lo"].notna().any():
+                continue
+            lo, hi = part[f"{col}_lo"].to_numpy(), part[f"{col}_hi"].to_numpy()
+            if rule == "mean_logit":
+                ax.fill_between(part["k"], lo, hi, color=color, alpha=0.2, lw=0)
+            else:
+                y = part[col].to_numpy()
+                # The point is a mean over draws and the band a percentile: they can disagree by a rounding error.
+                yerr = np.clip(np.nan_to_num([y - lo, hi - y]), 0, None)
+                ax.errorbar(part["k"], y, yerr=yerr, ls="none", color=color, lw=0.8, capsize=2, alpha=0.7)
+        some = part["n_neurons"] > 0  # log scale: a k without neurons has no point
+        cnt.plot(part["k"][some], part["n_neurons"][some], marker=".", color=color, label=split)
+    if any_low:
+        ax.plot([], [], ls="none", marker="o", mfc="none", mec="grey", label=f"open: < {min_neurons} neurons")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_ylabel("neuron accuracy")
-    ax.set_ylim(0.4, 1.02)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylabel("neuron accuracy (95% band over neurons)")
+    band_cols = [c for c in ("accuracy_mean_logit_lo", "accuracy_majority_lo") if c in curve]
+    lowest = float(np.nanmin(curve[band_cols].to_numpy(dtype=float))) if band_cols and curve[band_cols].notna().any().any() else 0.4
+    ax.set_ylim(max(0.0, min(0.4, lowest - 0.02)), 1.02)
+    ax.legend(loc="lower right", fontsize=7)
+    cnt.axhline(min_neurons, color="grey", ls=":", lw=1)
+    cnt.text(1.0, min_neurons, f" {min_neurons}", transform=cnt.get_yaxis_transform(), va="center", fontsize=7, color="grey")
     cnt.set_xscale("log")
+    cnt.set_yscale("log")
+    cnt.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    cnt.yaxis.set_minor_formatter(NullFormatter())
     cnt.set_xlabel("synapses drawn per neuron (k)")
     cnt.set_ylabel("neurons")
     ks = np.sort(curve["k"].unique())
