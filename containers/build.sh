@@ -87,7 +87,7 @@ cd "$repo_root"
 # Catch a bad base tag or --cleanenv before a long pull; skipped where spython is not installed.
 python_bin="${PYTHON:-python3}"
 if command -v "$python_bin" >/dev/null 2>&1 && "$python_bin" -c "import spython" >/dev/null 2>&1; then
-    "$python_bin" -m jobs.container "$definition" || die "$definition has problems (listed above); fix them first"
+    "$python_bin" -m slurm.container "$definition" || die "$definition has problems (listed above); fix them first"
 fi
 
 # Build on node-local disk: squashfs creation and fakeroot unpacking are slow and fragile on GPFS.

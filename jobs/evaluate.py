@@ -1,51 +1,43 @@
-"""Evaluation and gather jobs: threshold on validation, metrics on test, then the cross-run summary table.
+"""Evaluation job: threshold and calibration on validation, metrics on test, summary.csv, predictions and plots.
 
-Runs: :func:`synhpc.evaluation.evaluate` (writes ``<run>/summary.csv``, predictions, plots) and
-:func:`synhpc.gather.gather` (writes ``<run.root>/summary.csv``). Needs: ``<run>/config.yaml``, ``<run>/best.pt`` and
-the shard index. Resumes: evaluation is short and idempotent (every output is written atomically), so a requeued or
-resubmitted job simply runs again; ``jobs/submit.py`` skips it while ``summary.csv`` is newer than ``best.pt``.
+Runs: :func:`synhpc.evaluation.evaluate` on the run's ``config.yaml``. Needs: ``best.pt`` with its ``model.json`` and
+the shard index. Resumes: short and idempotent (every output is written atomically), so a requeued or resubmitted
+job simply runs again; ``synhpc submit`` skips it while ``summary.csv`` is newer than ``best.pt``.
 
 Usage::
 
-    job = executor.submit(evaluate_job, str(run_dir))
-    python -m jobs.evaluate RUN_DIR [--gather]
+    job = executor.submit(evaluate_job, run_dir)
+    python -m jobs.evaluate RUN_DIR
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
+from synhpc.errors import SynhpcError
 
 
 def evaluate_job(run_dir: str) -> str:
     """Evaluate the run in ``run_dir``; returns the path of its summary.csv."""
     from synhpc.config import load_run_config
-    from synhpc.evaluation import SUMMARY, evaluate
+    from synhpc.evaluation import evaluate
+    from synhpc.rundir import RunDir
 
-    cfg = load_run_config(run_dir)
-    evaluate(cfg)
-    return str(cfg.run_dir / SUMMARY)
-
-
-def gather_job(run_dir: str) -> str:
-    """Collect every run's summary.csv under the run's ``run.root``; returns the path of the combined table."""
-    from synhpc.config import load_run_config
-    from synhpc.gather import SUMMARY, gather
-
-    root = Path(load_run_config(run_dir).run.root)
-    gather(root)
-    return str(root / SUMMARY)
+    evaluate(load_run_config(run_dir))
+    return str(RunDir(run_dir).summary)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help") or len(args) > 2 or (len(args) == 2 and args[1] != "--gather"):
-        print("usage: python -m jobs.evaluate RUN_DIR [--gather]", file=sys.stderr)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: python -m jobs.evaluate RUN_DIR", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    print(f"evaluate: {evaluate_job(args[0])}", flush=True)
-    if len(args) == 2:
-        print(f"gather: {gather_job(args[0])}", flush=True)
+    try:
+        print(f"evaluate: {evaluate_job(args[0])}", flush=True)
+    except SynhpcError as exc:
+        print(f"jobs.evaluate: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import submitit
 
 from synhpc.config import load_run_config
-
+from synhpc.errors import SynhpcError
 
 
 def _distributed_rank() -> int:
@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print("usage: python -m jobs.train RUN_DIR", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    result = TrainJob()(args[0])
+    try:
+        result = TrainJob()(args[0])
+    except SynhpcError as exc:
+        print(f"jobs.train: error: {exc}", file=sys.stderr)
+        return 2
     print(f"train: {result}", flush=True)
     return 0
 

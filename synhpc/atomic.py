@@ -24,13 +24,19 @@ def _tmp(path: Path) -> Path:
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_csv(frame: "pd.DataFrame", path: Path, **to_csv: object) -> None:
     """``frame.to_csv(path, index=False, **to_csv)``, atomically."""
     path = Path(path)
     tmp = _tmp(path)
-    frame.to_csv(tmp, index=False, **to_csv)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    try:
+        frame.to_csv(tmp, index=False, **to_csv)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -385,8 +385,3 @@ def bench_augment(n: int = 256, shape: tuple[int, int, int] = (32, 64, 64), para
 def step_seed(seed: int, step: int) -> int:
     """The generator seed of one training step: augmentation draws depend on (seed, step) only, never on history."""
     return (seed * 1_000_003 + step) % (2**63 - 1)
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 EM intensities to roughly zero-mean unit-range floats."""
-    return (batch.float() - 128.0) / 64.0

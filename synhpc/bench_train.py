@@ -4,13 +4,15 @@ Usage::
 
     frame = bench_train(cfg, cfg.run_dir / "bench")   # also bench_train.csv and bench_train.json there
 
-Each model runs a few warm-up steps (oneDNN/cuDNN pick kernels on first use) and then timed steps of the real
-update (forward, loss, backward, optimizer) on random cubes of ``cubes.shape_zyx``. On a GPU the per-step FLOPs are
+Each model runs a few warm-up steps (oneDNN/cuDNN pick kernels on first use) and then timed calls of the real
+``Trainer.train_step`` (augmentation, forward, loss, backward, guarded optimizer update) on random uint8 cubes of
+``cubes.shape_zyx``. On a GPU the per-step FLOPs are
 counted once with torch's FlopCounterMode and turned into MFU against the card's dense bf16 peak.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -23,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synhpc.atomic import write_text
-from synhpc.augment import apply, normalize
+from synhpc.atomic import write_csv, write_text
+from synhpc.augment import apply
 from synhpc.bench import machine_info
-from synhpc.config import Config, ModelConfig
-from synhpc.models import build_model
+from synhpc.config import Config
+from synhpc.inference import normalize
 
 # Dense bf16 tensor-core peaks (FLOP/s), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A40": 150e12}
@@ -56,30 +58,28 @@ def _step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
     return float(counter.get_total_flops())
 
 
-def time_steps(name: str, precision: str, channels_last: bool, shape_zyx: Sequence[int], batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    torch.manual_seed(0)
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = build_model(ModelConfig(name=name), shape_zyx).to(device, memory_format=layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, *shape_zyx, device=device).contiguous(memory_format=layout)
-    y = torch.randint(0, 2, (batch,), device=device).float()
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    nonfinite = 0
+def time_steps(cfg: Config, name: str, precision: str, channels_last: bool, batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Median seconds of :meth:`synhpc.training.Trainer.train_step` (augmentation, forward, loss, backward, guarded
+    optimizer update) on random uint8 cubes of ``cubes.shape_zyx``."""
+    from synhpc.distributed import DistInfo
+    from synhpc.training import Trainer
+
+    run = copy.deepcopy(cfg)
+    run.model.name, run.train.precision, run.train.channels_last = name, precision, channels_last
+    run.train.batch_size, run.train.grad_accum = batch, 1
+    trainer = Trainer(run, n_pos=1, n_neg=1, per_epoch=warmup + steps, info=DistInfo(0, 1, 0, device))
+    gen = torch.Generator().manual_seed(0)
+    shape_zyx = run.cubes.shape_zyx
+    x = torch.randint(0, 256, (batch, 1, *shape_zyx), generator=gen, dtype=torch.uint8)
+    y = torch.tensor([1.0, 0.0] * (batch // 2) + [1.0] * (batch % 2))
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        with cast:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        if finite:
-            optimizer.step()
+        trainer.train_step(x, y)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-            nonfinite += not finite
     step_s = float(np.median(times))
     row: dict[str, Any] = {
         "kind": "train",
@@ -90,13 +90,15 @@ def time_steps(name: str, precision: str, channels_last: bool, shape_zyx: Sequen
         "shape_zyx": "x".join(map(str, shape_zyx)),
         "step_s": step_s,
         "samples_per_s": batch / step_s,
-        "nonfinite_grad_steps": nonfinite,
+        "nonfinite_grad_steps": trainer.skipped,  # over warm-up and timed steps
         "steps": steps,
     }
     peak = _peak(device)
     if peak is not None:
-        with cast:
-            flops = _step_flops(model, x, y)
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        xf = torch.randn(batch, 1, *shape_zyx, device=device).contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext():
+            flops = _step_flops(trainer.model, xf, y.to(device))
         row["tflops_per_s"] = flops / step_s / 1e12
         row["mfu"] = flops / step_s / peak
     if device.type == "cuda":
@@ -137,17 +139,19 @@ def loader_rate(cfg: Config, shape_zyx: Sequence[int] = (32, 64, 64), n: int = 5
 def bench_train(
     cfg: Config, out_dir: Path, *, models: Sequence[str] = ("small3d", "r3d_18", "mc3_18", "r2plus1d_18"), batch: int | None = None, steps: int = 5, warmup: int = 2
 ) -> pd.DataFrame:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from synhpc.distributed import resolve_device
+
+    device = resolve_device(cfg.train.device)
     torch.set_num_threads(cfg.train.threads)
     batch = batch or (cfg.train.batch_size if device.type == "cuda" else 2)
-    rows = [time_steps(m, p, cl, cfg.cubes.shape_zyx, batch, steps, warmup, device) for m in models for p, cl in VARIANTS]
+    rows = [time_steps(cfg, m, p, cl, batch, steps, warmup, device) for m in models for p, cl in VARIANTS]
     rows.append(loader_rate(cfg))
     frame = pd.DataFrame(rows)
     fp32 = frame[(frame["kind"] == "train") & (frame["precision"] == "fp32")].set_index("model")["samples_per_s"]
     frame["speedup_vs_fp32"] = [r.samples_per_s / fp32[r.model] if r.kind == "train" else np.nan for r in frame.itertuples()]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_dir / "bench_train.csv", index=False)
+    write_csv(frame, out_dir / "bench_train.csv")
     info = machine_info() | {"device": str(device), "threads": cfg.train.threads}
     if device.type == "cuda":
         info |= {"gpu": torch.cuda.get_device_name(device), "cudnn": torch.backends.cudnn.version(), "cuda": torch.version.cuda}

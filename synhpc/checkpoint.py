@@ -11,6 +11,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -24,13 +25,18 @@ PATTERN = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp sibling, fsync, rename; a failed write (full disk, quota) leaves the old file and
+    raises OSError naming ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            try:
+                torch.save(obj, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except RuntimeError as exc:  # torch's writer reports a failed write (ENOSPC, EFBIG) as RuntimeError
+                raise OSError(errno.ENOSPC, f"writing failed ({str(exc).splitlines()[0][:80]})", str(path)) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,31 +1,33 @@
 """``synhpc <stage> -c CONFIG [dotted.key=value ...]``: the pipeline's stages behind one command.
 
-Stages: world, extract, train, evaluate, gather, demo (all of them in order); on SLURM: submit, status, extract-task.
+Every error a user can cause ends as one line on stderr naming the file, key or row, and exit status 2; nothing is
+left half-written (every output is written to a temporary sibling and renamed).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from synhpc.config import RUN_CONFIG, Config, load_config, save_config
+from synhpc.config import Config, load_config, save_config
 from synhpc.errors import SynhpcError
 
 STAGES: dict[str, str] = {
     "world": "generate the synthetic MICrONS-like world (EM volume + CAVE-schema tables)",
-    "extract": "cut cubes around labelled synapses into HDF5 shards (submitit array)",
+    "prepare": "read the tables, split by neuron and write the run folder's manifest and config (no cubes yet)",
+    "extract": "cut cubes around labelled synapses into HDF5 shards (submitit array), then index them",
     "train": "train the configured model; resumes from the newest checkpoint",
     "evaluate": "choose the threshold on validation, apply it to test, write summary.csv and plots",
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
     "demo": "world -> extract -> train -> evaluate -> gather on the configured (synthetic) data",
     "plan": "counts per split and class, shards, SLURM arrays, storage and time for an extraction",
-    "bench": "benchmarks: `bench extract` (naive vs synhpc vs chunk-read limit, compression), `bench train` (samples/s)",
+    "bench": "benchmarks (CSV + JSON under <run>/bench): extract, train, tables, metrics",
     "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
     "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
-    "extract-task": "extract the given shards of a prepared run folder (what an array task runs)",
 }
 
 
@@ -37,40 +39,71 @@ def stage_world(cfg: Config) -> None:
     print(f"world: {path} ({time.perf_counter() - start:.1f} s)")
 
 
+def stage_prepare(cfg: Config) -> None:
+    from slurm.plan import array_chunks, cluster_max_array_size
+    from synhpc.cubes import missing_shards
+    from synhpc.manifest import prepare_run
+    from synhpc.rundir import RunDir
+
+    run = RunDir(cfg.run_dir.resolve())
+    sizes, digest = prepare_run(cfg)
+    missing = missing_shards(run, sizes, digest)
+    print(f"RUN_DIR={run.path}")
+    print(f"shards: {len(sizes)} ({len(missing)} missing)")
+    limit = cluster_max_array_size() or 1001
+    for part in array_chunks(len(sizes), limit):
+        print(f"  SHARD_OFFSET={part.start} sbatch --array=0-{len(part) - 1}%<parallelism> slurm/templates/extract_array.sbatch")
+
+
 def stage_extract(cfg: Config) -> None:
-    from jobs.extract import run_extraction
+    from slurm.launch import run_extraction
 
     result = run_extraction(cfg)
     rate = result["cubes"] / result["seconds"] if result["seconds"] > 0 else float("nan")
     print(
         f"extract: {result['cubes']} cubes in {result['shards']} shards ({result['submitted']} written now), "
-        f"{result['seconds']:.1f} s, {rate:.0f} cubes/s"
+        f"{result['seconds']:.1f} s, {rate:.0f} cubes/s; {result['edge_cubes']} cubes cross the volume edge, "
+        f"{result['missing_chunks']} missing imagery chunks read as zeros"
     )
 
 
 def stage_train(cfg: Config) -> None:
+    from synhpc.distributed import resolve_device
+    from synhpc.errors import DataError
+    from synhpc.manifest import check_same_extraction
     from synhpc.models import check_model
+    from synhpc.rundir import RunDir
     from synhpc.training import train
 
-    check_model(cfg.model, cfg.cubes.shape_zyx)  # before the run folder is touched
-    save_config(cfg, cfg.run_dir / RUN_CONFIG)
+    # Everything that can be refused is refused before the run folder is touched.
+    check_model(cfg.model, cfg.cubes.shape_zyx)
+    resolve_device(cfg.train.device)
+    run = RunDir(cfg.run_dir)
+    if not run.provenance.is_file():
+        raise DataError(f"{run.path}: no extracted cubes; run `synhpc extract` with this config first")
+    check_same_extraction(cfg, run)  # the shards decide cube shape, mip and data: a contradicting config is refused
     result = train(cfg)
     print(f"train: {result['steps']} steps, best epoch {result['best_epoch']} (val balanced accuracy {result['best_val_balanced_accuracy']:.3f}), skipped steps {result['skipped_steps']}")
 
 
 def stage_evaluate(cfg: Config) -> None:
-    from synhpc.evaluation import SUMMARY, evaluate
+    from synhpc.evaluation import evaluate
     from synhpc.gather import format_table
+    from synhpc.manifest import check_same_extraction
+    from synhpc.rundir import RunDir
 
+    run = RunDir(cfg.run_dir)
+    check_same_extraction(cfg, run)
     summary = evaluate(cfg)
     print(format_table(summary))
-    print(f"evaluate: {cfg.run_dir / SUMMARY}")
+    print(f"evaluate: {run.summary}")
 
 
 def stage_gather(cfg: Config) -> None:
     from pathlib import Path
 
-    from synhpc.gather import SUMMARY, format_table, gather
+    from synhpc.gather import format_table, gather
+    from synhpc.rundir import gathered_summary
 
     table, skipped = gather(Path(cfg.run.root))
     if skipped:
@@ -79,34 +112,40 @@ def stage_gather(cfg: Config) -> None:
         print(f"gather: no summaries under {cfg.run.root}")
         return
     print(format_table(table))
-    print(f"gather: {len(table)} rows -> {Path(cfg.run.root) / SUMMARY}")
+    print(f"gather: {len(table)} rows -> {gathered_summary(cfg.run.root)}")
 
 
 def stage_plan(cfg: Config) -> None:
-    from jobs.plan import format_plan, make_plan
+    from slurm.plan import format_plan, make_plan
 
     print(format_plan(make_plan(cfg)))
 
 
-def stage_bench_extract(cfg: Config) -> None:
+def _bench(kind: str, run: Callable[[Config, object], object]) -> Callable[[Config], None]:
+    def stage(cfg: Config) -> None:
+        from synhpc.rundir import RunDir
+
+        out = RunDir(cfg.run_dir).bench
+        frame = run(cfg, out)
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))  # type: ignore[attr-defined]
+        print(f"bench: {out / f'bench_{kind}.csv'} and {out / f'bench_{kind}.json'}")
+
+    return stage
+
+
+def _bench_extract(cfg: Config, out) -> object:
     from synhpc.bench import bench_extract
 
-    out = cfg.run_dir / "bench"
-    frame = bench_extract(cfg, out)
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"bench: {out / 'bench_extract.csv'} and {out / 'bench_extract.json'}")
+    return bench_extract(cfg, out)
 
 
-def stage_bench_train(cfg: Config) -> None:
+def _bench_train(cfg: Config, out) -> object:
     from synhpc.bench_train import bench_train
 
-    out = cfg.run_dir / "bench"
-    frame = bench_train(cfg, out)
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"bench: {out / 'bench_train.csv'} and {out / 'bench_train.json'}")
+    return bench_train(cfg, out)
 
 
-BENCHES: dict[str, Callable[[Config], None]] = {"extract": stage_bench_extract, "train": stage_bench_train}
+BENCHES: dict[str, Callable[[Config], None]] = {"extract": _bench("extract", _bench_extract), "train": _bench("train", _bench_train)}
 
 
 def stage_demo(cfg: Config) -> None:
@@ -118,6 +157,7 @@ def stage_demo(cfg: Config) -> None:
 
 HANDLERS: dict[str, Callable[[Config], None]] = {
     "world": stage_world,
+    "prepare": stage_prepare,
     "extract": stage_extract,
     "train": stage_train,
     "evaluate": stage_evaluate,
@@ -140,20 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("run_dir", metavar="RUN_DIR")
             continue
-        if name == "extract-task":
-            p.add_argument("run_dir", metavar="RUN_DIR")
-            p.add_argument("shards", nargs="+", type=int, metavar="SHARD")
-            continue
         if name == "bench":
             kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
             for kind in sorted(BENCHES):
                 _add_config_arguments(kinds.add_parser(kind, help=f"benchmark {kind}"))
             continue
         if name == "submit":
+            from synhpc.rundir import STAGES as PIPELINE
+
             p.add_argument("--profile", default="local", help="cluster profile: slurm/profiles/NAME.yaml or a path [local]")
-            p.add_argument("--until", default="gather", choices=["extract", "index", "train", "evaluate", "gather"], help="last stage to submit [gather]")
+            p.add_argument("--until", default="gather", choices=list(PIPELINE), help="last stage to submit [gather]")
         _add_config_arguments(p)
     return parser
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system failure: what, where, and the likely cause for the common ones."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = {
+        errno.ENOSPC: " (the disk is full; free space or point run.root elsewhere)",
+        errno.EDQUOT: " (disk quota exceeded)",
+        errno.EROFS: " (read-only file system; point run.root at a writable folder)",
+        errno.EACCES: " (permission denied)",
+    }.get(exc.errno or 0, "")
+    return f"{where}{exc.strerror or exc.__class__.__name__}{hint}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,17 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.stage == "status":
-            from jobs.status import status
+            from slurm.status import status
 
             print(status(args.run_dir))
             return 0
-        if args.stage == "extract-task":
-            from jobs.extract_cli import extract_task
-
-            print(f"extract-task: {extract_task(args.run_dir, args.shards)} cubes")
-            return 0
         if args.stage == "submit":
-            from jobs.submit import submit_command
+            from slurm.submit import submit_command
 
             print(submit_command(args.config, args.profile, args.overrides, args.until))
             return 0
@@ -180,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler(cfg)
     except SynhpcError as exc:
         print(f"synhpc {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"synhpc {args.stage}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"synhpc {args.stage}: interrupted", file=sys.stderr)

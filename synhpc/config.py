@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -156,10 +157,12 @@ class AugmentConfig:
 
 @dataclass
 class ExecutionConfig:
+    """Where ``synhpc extract`` runs its shard tasks. SLURM resources are not set here but in the cluster profile
+    (``slurm/profiles/<profile>.yaml``, stage ``extract``), the one place that decides them."""
+
     executor: Literal["local", "debug", "slurm"] = "local"
-    max_parallel: int = 2
-    timeout_min: int = 60
-    cpus_per_task: int = 1
+    workers: int = 2  # local: subprocesses at once
+    profile: str = "local"  # slurm: the cluster profile whose extract resources the array gets
 
 
 @dataclass
@@ -191,6 +194,8 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # 0 = no clipping
     ema_decay: float = 0.999  # 0 = no EMA; the decay warms up as min(decay, (1 + t) / (10 + t))
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when usable; a GPU job without usable CUDA stops
+    log_every: int = 50  # batch jobs print a progress line every this many steps (0 = only at epoch ends)
 
 
 @dataclass
@@ -198,11 +203,32 @@ class EvaluateConfig:
     threshold_metric: Literal["balanced_accuracy", "f1", "youden"] = "balanced_accuracy"
     batch_size: int = 64
     tta_views: Literal[1, 8, 16] = 8  # 1 = no TTA; 8 in-plane dihedral views; 16 adds a z flip
-    checkpoint: str = ""  # a model file to evaluate instead of <run>/best.pt
+    checkpoint: str = ""  # a model to evaluate instead of the run's: a run folder, its model.json or its best.pt
     bootstrap: int = 1000  # resamples of presynaptic neurons for 95% CIs; 0 = none
     baselines: bool = True
     # Splits written to predictions.csv (val and test are always scored; add train to inspect fitting).
     splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["val", "test"])
+    inspect: int = 8  # test roots closest to the threshold and most confident test errors shown in <run>/inspect
+    neuroglancer: str = "https://neuroglancer-demo.appspot.com"  # viewer the inspection links open
+
+
+@dataclass
+class PredictConfig:
+    """Which synapses ``synhpc predict`` labels with which model. The selections combine (a synapse must pass every
+    one that is set); none set = every synapse of ``tables.synapses``."""
+
+    model: str = ""  # a trained run folder, its model.json or its best.pt (``--model`` on the command line)
+    pre_root_ids: list[int] = field(default_factory=list)  # presynaptic root ids
+    pre_root_ids_file: str = ""  # a file of root ids: one per line, or a csv/parquet with a pre_root_id column
+    synapse_ids_file: str = ""  # a file of synapse ids: one per line, or a csv/parquet with an id/synapse_id column
+    bbox: list[float] = field(default_factory=list)  # [x0, y0, z0, x1, y1, z1] in table position units, half-open
+    labelled: Literal["any", "unlabelled", "labelled"] = "any"  # whether the presynaptic root is in the cell-type table
+    part_size: int = 4096  # synapses per part: one array task and one parquet file
+    block_size: int = 256  # synapses cut from the imagery and scored together
+    read_ahead: int = 2  # blocks that I/O threads read while the model scores the current one
+    keep_cubes: bool = False  # also keep the cubes as HDF5 shards beside the parts
+    confidence: float = 0.95  # per-root call: excitatory at P >= confidence, inhibitory at P <= 1 - confidence
+    call_from: Literal["independent", "mean"] = "independent"  # which per-root probability the call uses
 
 
 @dataclass
@@ -218,6 +244,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -334,6 +361,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_text(path: Path) -> str:
+    """A YAML file's text, or a one-line ConfigError for a missing, unreadable or non-UTF-8 file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read ``path`` (YAML; None for defaults), apply ``overrides`` and return a validated :class:`Config`."""
     data: dict[str, Any] = {}
@@ -341,10 +380,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
     if path is not None:
         source = str(path)
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        if p.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file")
+        text = read_yaml_text(p)
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
@@ -372,6 +412,8 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    _finite_floats(cfg)
+
     need(len(cfg.world.shape_vx) == 3 and min(cfg.world.shape_vx) > 0, "world.shape_vx must be 3 positive integers (x, y, z)")
     need(len(cfg.world.chunk_vx) == 3 and min(cfg.world.chunk_vx) > 0, "world.chunk_vx must be 3 positive integers (x, y, z)")
     need(0.0 <= cfg.world.difficulty <= 1.0, "world.difficulty must lie in [0, 1]")
@@ -385,21 +427,69 @@ def _validate(cfg: Config) -> None:
         len(cfg.split.fractions) == 3 and min(cfg.split.fractions) > 0 and abs(sum(cfg.split.fractions) - 1) < 1e-6,
         "split.fractions must be 3 positive numbers (train, val, test) that sum to 1",
     )
-    need(cfg.train.epochs > 0 and cfg.train.batch_size > 0, "train.epochs and train.batch_size must be positive")
-    need(cfg.train.checkpoint_every > 0, "train.checkpoint_every must be positive")
-    need(cfg.train.grad_accum > 0, "train.grad_accum must be positive")
+    need(cfg.train.epochs > 0, "train.epochs must be >= 1")
+    need(cfg.train.batch_size > 0, "train.batch_size must be >= 1")
+    need(cfg.evaluate.batch_size > 0, "evaluate.batch_size must be >= 1")
+    need(cfg.train.checkpoint_every > 0, "train.checkpoint_every must be >= 1")
+    need(cfg.train.grad_accum > 0, "train.grad_accum must be >= 1")
+    need(cfg.train.lr > 0, "train.lr must be > 0 (a zero learning rate trains nothing)")
+    need(cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    need(cfg.train.num_workers >= 0, "train.num_workers must be >= 0")
+    need(cfg.train.threads >= 1, "train.threads must be >= 1")
+    need(cfg.train.log_every >= 0, "train.log_every must be >= 0")
+    need(0.0 <= cfg.train.label_smoothing < 0.5, "train.label_smoothing must lie in [0, 0.5)")
+    need(cfg.train.focal_gamma >= 0 and 0.0 <= cfg.train.focal_alpha <= 1.0, "train.focal_gamma must be >= 0 and train.focal_alpha in [0, 1]")
+    need(cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm must be >= 0 (0 = no clipping)")
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must lie in [0, 1)")
-    need(cfg.run.name.strip() != "" and "/" not in cfg.run.name, "run.name must be a non-empty folder name")
+    need(cfg.model.width >= 1, "model.width must be >= 1")
+    need(0.0 <= cfg.model.dropout < 1.0, "model.dropout must lie in [0, 1)")
     need(cfg.imagery.mip >= 0, "imagery.mip must be >= 0")
+    need(cfg.imagery.threads >= 1 and cfg.imagery.retries >= 0, "imagery.threads must be >= 1 and imagery.retries >= 0")
+    need(cfg.execution.workers >= 1, "execution.workers must be >= 1")
+    need(cfg.evaluate.bootstrap >= 0, "evaluate.bootstrap must be >= 0 (0 = no confidence intervals)")
+    need(cfg.evaluate.inspect >= 0, "evaluate.inspect must be >= 0 (0 = no inspection outputs)")
+    pc = cfg.predict
+    need(pc.part_size >= 1 and pc.block_size >= 1 and pc.read_ahead >= 0, "predict.part_size and predict.block_size must be >= 1, predict.read_ahead >= 0")
+    need(0.5 < pc.confidence < 1.0, "predict.confidence must lie in (0.5, 1)")
+    need(not pc.bbox or (len(pc.bbox) == 6 and all(a < b for a, b in zip(pc.bbox[:3], pc.bbox[3:]))), "predict.bbox must be [x0, y0, z0, x1, y1, z1] with x0 < x1, y0 < y1, z0 < z1")
+    need(cfg.split.max_per_neuron >= 0 and cfg.split.spatial_block_um >= 0, "split.max_per_neuron and split.spatial_block_um must be >= 0")
+    need(0.0 < cfg.split.tolerance < 1.0, "split.tolerance must lie in (0, 1)")
+    need(cfg.split.folds == 0 or cfg.split.folds >= 3, "split.folds must be 0 (one split by split.fractions) or >= 3")
+    need(cfg.split.folds == 0 or 0 <= cfg.split.fold < cfg.split.folds, "split.fold must lie in [0, split.folds)")
     need({"val", "test"} <= set(cfg.evaluate.splits), "evaluate.splits must include val (the threshold is chosen there) and test")
+    aug = cfg.augment
+    for name in ("elastic_p", "misalign_p", "missing_p", "intensity_p", "noise_p"):
+        need(0.0 <= getattr(aug, name) <= 1.0, f"augment.{name} must lie in [0, 1]")
+    need(aug.mix_alpha > 0 and aug.elastic_spacing >= 1 and aug.misalign_max_shift >= 0, "augment.mix_alpha must be > 0, augment.elastic_spacing >= 1, augment.misalign_max_shift >= 0")
+    _check_run_name(cfg.run.name)
 
 
-RUN_CONFIG = "config.yaml"  # the resolved config in every run folder; jobs read it from there
+def _check_run_name(name: str) -> None:
+    """run.name is one folder inside run.root: "..", a slash or an absolute path would write outside it."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise ConfigError(f"run.name must be a plain folder name inside run.root, got {name!r}")
+
+
+def _finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float in the config is finite: NaN compares false with every bound, so range checks alone miss it."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, f"{prefix}{f.name}.")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {value!r}")
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
     """The resolved config a run folder was prepared with (what every batch job of the run reads)."""
-    return load_config(Path(run_dir) / RUN_CONFIG)
+    from synhpc.rundir import RunDir
+
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        raise ConfigError(f"{path}: no run config; is {run_dir} a synhpc run folder (prepared by `synhpc extract`)?")
+    return load_config(path)
 
 
 def save_config(cfg: Config, path: Path) -> None:

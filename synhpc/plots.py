@@ -167,3 +167,63 @@ def accuracy_vs_synapses(curve: pd.DataFrame, path: Path, *, min_neurons: int = 
         cnt.set_xticks(ks, [str(int(k)) for k in ks])
         cnt.xaxis.set_minor_formatter(NullFormatter())
     _save(fig, Path(path))
+
+
+def reliability_diagram(
+    labels: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray | None,
+    path: Path,
+    *,
+    temperature: float | None = None,
+    n_bins: int = 15,
+    strategy: str = "uniform",
+    title: str = "test",
+) -> None:
+    """Fraction excitatory against mean predicted P(excitatory) per bin, before and (optionally) after temperature
+    scaling, with the diagonal of perfect calibration, ECE in the legend and the bin counts underneath (binning as
+    in ``calibration.expected_calibration_error``; empty bins are not drawn).
+
+    Usage::
+
+        reliability_diagram(y, sigmoid(z), sigmoid(apply_temperature(z, T)), run_dir / "reliability.png", temperature=T)
+    """
+    fig, (ax, cnt) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    curves = [("before", before, "o", "C3")]
+    if after is not None:
+        curves.append((f"after (T = {temperature:.3g})" if temperature is not None else "after", after, "s", "C0"))
+    for name, probs, marker, color in curves:
+        ece, bins = expected_calibration_error(labels, probs, n_bins=n_bins, strategy=strategy)
+        full = bins[bins["count"] > 0]
+        ax.plot(full["mean_probability"], full["fraction_positive"], marker=marker, color=color, label=f"{name}: ECE {ece:.3f}")
+        cnt.stairs(bins["count"].to_numpy(), np.r_[bins["lo"].to_numpy(), bins["hi"].iloc[-1]], color=color, label=name)
+    ax.set_ylabel("fraction excitatory")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}: reliability ({strategy} bins, n = {len(labels)})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    cnt.set_xlabel("predicted P(excitatory)")
+    cnt.set_ylabel("synapses per bin")
+    _save(fig, Path(path))
+
+
+def section_gallery(sections: list[np.ndarray], titles: list[str], path: Path, *, title: str = "", columns: int = 6) -> None:
+    """A grid of EM sections (uint8 Y, X), each with a short title; an empty list draws a labelled blank figure.
+
+    Usage: ``section_gallery([cube[cube.shape[0] // 2] for cube in cubes], ["123 E p=0.91", ...], path)``
+    """
+    n = max(1, len(sections))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, section, text in zip(axes.ravel(), sections, titles):
+        ax.imshow(section, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(text, fontsize=7)
+    if not sections:
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, Path(path))

@@ -1,4 +1,7 @@
-"""Training: a flat loop with periodic atomic checkpoints and resume-on-start.
+"""Training: a :class:`Trainer` that holds the whole training state (model, optimizer, scaler, EMA, step, history)
+and moves it one micro-batch (:meth:`Trainer.train_step`), one epoch (:meth:`Trainer.run_epoch`) or one validation
+(:meth:`Trainer.validate`) at a time; :func:`train` runs it on a run folder with periodic atomic checkpoints and
+resume-on-start.
 
 Everything that decides the trajectory is a function of (seed, epoch, step) or lives in the checkpoint (weights,
 optimizer, torch RNG, history), so a run killed anywhere and started again ends with the same weights as one
@@ -18,32 +21,29 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from synhpc.atomic import write_csv
-from synhpc.augment import apply, mix, normalize, step_seed
+from synhpc.augment import apply, mix, step_seed
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
-from synhpc.config import Config, digest_of
-from synhpc.datasets import SPLITS, CubeDataset, ShardSet
+from synhpc.config import Config, digest_of, save_config
+from synhpc.datasets import CubeDataset, ShardSet
 from synhpc.distributed import DistInfo, any_rank, broadcast_from_main, cleanup, init_from_env
 from synhpc.ema import EMA
 from synhpc.errors import DataError
+from synhpc.inference import normalize, predict_rows, private_generator
 from synhpc.losses import balanced_bce, focal_loss, soft_targets
 from synhpc.metrics import binary_metrics, sigmoid
 from synhpc.models import build_model
 from synhpc.preemption import StopFlag
-from synhpc.tta import predict_tta
+from synhpc.rundir import RunDir, TrainProgress
+from synhpc.splits import SPLITS
 
-CKPT_DIR = "checkpoints"
-BEST = "best.pt"
-TRAIN_LOG = "train_log.csv"
 # Columns of train_log.csv that measure the machine, not the training: they differ between identical runs.
 MEASURED_COLUMNS = ["samples_per_s", "data_wait_fraction", "peak_memory_mb"]
 TRAIN_PROBE = 512  # training samples scored at each epoch end for the train columns of train_log.csv
@@ -52,8 +52,8 @@ TRAIN_PROBE = 512  # training samples scored at each epoch end for the train col
 def training_digest(cfg: Config) -> str:
     """What a checkpoint must agree with to be resumed: model, training recipe and data."""
     data = cfg.to_dict()
-    # How often to checkpoint and how many workers/threads to use do not change what is learned.
-    train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads", "checkpoint_every")}
+    # How often to checkpoint or log and how many workers/threads to use do not change what is learned.
+    train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads", "checkpoint_every", "log_every", "device")}
     keyed = {"model": data["model"], "train": train, "augment": data["augment"], "cubes": data["cubes"]["shape_zyx"]}
     return digest_of(keyed)
 
@@ -78,214 +78,12 @@ def grads_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, data: ShardSet, indices: np.ndarray, batch_size: int, num_workers: int = 0, views: int = 1) -> np.ndarray:
-    """Logits for ``indices`` in order (eval mode), averaged over ``views`` test-time dihedral views."""
-    model.eval()
-    device = next(model.parameters()).device
-    loader = DataLoader(CubeDataset(data, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=_private_generator())
-    # bf16 inference on GPUs; CPU stays fp32 so results do not depend on oneDNN's bf16 kernels.
-    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with cast:
-        out = [predict_tta(model, normalize(cubes.to(device)), views=views).float().cpu() for cubes, _, _ in loader]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
-
-
-def _private_generator() -> torch.Generator:
-    """DataLoader iterators draw a seed from the global torch RNG unless given a generator; that draw would shift
-    the dropout stream of a resumed run (its loader is created after the checkpoint, not before)."""
-    return torch.Generator().manual_seed(0)
-
-
-def _write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    write_csv(pd.DataFrame(history), run_dir / TRAIN_LOG)
-
-
 def make_loss(cfg: Config, n_pos: int, n_neg: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Class-balanced BCE (weights from training counts) or focal loss; targets may be soft (mixing, smoothing)."""
     if cfg.train.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.train.focal_gamma, cfg.train.focal_alpha)
     # A balanced sampler already shows both classes equally often; weighting again would over-correct.
     return balanced_bce(1.0 if cfg.train.sampler == "balanced" else n_neg / n_pos)
-
-
-def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume training) the configured model on the run's train split; validation picks the best epoch.
-
-    ``step`` counts micro-batches; the optimizer steps every ``train.grad_accum`` of them (and at epoch end), and
-    checkpoints fall only on those boundaries, so no half-accumulated gradient is ever lost or duplicated.
-    """
-    torch.set_num_threads(cfg.train.threads)
-    run_dir = cfg.run_dir
-    ckpt_dir = run_dir / CKPT_DIR
-    info = init_from_env()
-    device, world = info.device, info.world_size
-    layout = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
-    data = ShardSet(run_dir / "cubes")
-    train_idx, val_idx = data.indices(SPLITS["train"]), data.indices(SPLITS["val"])
-    labels = data.rows["label"][train_idx]
-    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
-    if n_pos == 0 or n_neg == 0:
-        raise DataError(f"{run_dir}: the train split holds only one class (excitatory {n_pos}, inhibitory {n_neg})")
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.cubes.shape_zyx).to(device, memory_format=layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    # Validation (and best.pt) use the averaged weights when there are any: they are what evaluation scores.
-    scored = copy.deepcopy(model) if ema is not None else model
-    loss_fn = make_loss(cfg, n_pos, n_neg)
-    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
-    per_epoch = math.ceil(len(train_idx) / (batch * world))  # batch_size is per rank
-    total = per_epoch * cfg.train.epochs
-    digest = training_digest(cfg)
-
-    step, history, best, skipped = 0, [], {"balanced_accuracy": -1.0, "epoch": -1}, 0
-    # Loss summed over the epoch so far; checkpointed so a resumed epoch reports the same mean.
-    epoch_loss = {"sum": 0.0, "n": 0}
-    state, path = load_latest(ckpt_dir)
-    if state is not None:
-        if state["digest"] != digest:
-            raise DataError(f"{path}: checkpoint was written by a different model/training config; use a new run.name")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        step, history, best, skipped = state["step"], state["history"], state["best"], state["skipped_steps"]
-        epoch_loss = state["epoch_loss"]
-        print(f"resuming from {path} at step {step}", flush=True)
-    # Wrapped after loading: DDP broadcasts rank 0's weights at construction, and every rank loaded the same file.
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-
-    def snapshot() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-            "history": history,
-            "best": best,
-            "skipped_steps": skipped,
-            "epoch_loss": epoch_loss,
-            "digest": digest,
-        }
-
-    def optimizer_step() -> None:
-        nonlocal skipped
-        scaler.unscale_(optimizer)
-        if grads_finite(model):
-            if cfg.train.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            scaler.step(optimizer)
-            if ema is not None:
-                ema.update(model)
-        else:
-            skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress)
-    with StopFlag() as stop:
-        while step < total:
-            epoch, first = divmod(step, per_epoch)
-            order = epoch_order(cfg, train_idx, labels, epoch, per_epoch * batch * world if world > 1 else None)
-            # Rank r takes the r-th slice of each global batch; one process takes the whole order.
-            positions = [list(range((b * world + info.rank) * batch, min((b * world + info.rank + 1) * batch, len(order)))) for b in range(first, per_epoch)]
-            loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=cfg.train.num_workers, generator=_private_generator())
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            if first == 0:
-                epoch_loss = {"sum": 0.0, "n": 0}
-            seen, wait, started, skipped_before = 0, 0.0, time.perf_counter(), skipped
-            fetched = time.perf_counter()
-            for cubes, targets, _ in loader:
-                wait += time.perf_counter() - fetched
-                update = epoch * math.ceil(per_epoch / accum) + (step - epoch * per_epoch) // accum
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, update, total_updates(cfg, per_epoch))
-                gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
-                cubes, targets = cubes.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                x, y = mix(normalize(apply(cubes, cfg.augment, gen)), targets, cfg.augment, gen)
-                if cfg.train.label_smoothing > 0:
-                    y = soft_targets(y, cfg.train.label_smoothing)
-                with autocast(cfg.train.precision, device):
-                    loss = loss_fn(net(x.contiguous(memory_format=layout)).float(), y)
-                scaler.scale(loss / accum).backward()
-                step += 1
-                in_epoch = step - epoch * per_epoch
-                if in_epoch % accum == 0 or in_epoch == per_epoch:
-                    optimizer_step()
-                epoch_loss = {"sum": epoch_loss["sum"] + float(loss.detach()), "n": epoch_loss["n"] + 1}
-                seen += len(targets)
-                bar.update(1)
-                # An epoch's last step is checkpointed after validation, below, so resuming never skips it.
-                boundary = in_epoch % accum == 0 and in_epoch != per_epoch
-                stopping = boundary and any_rank(stop.requested, info)
-                if boundary and (step % cfg.train.checkpoint_every == 0 or stopping):
-                    if info.is_main:
-                        save_checkpoint(ckpt_dir, step, snapshot())
-                    if stopping:
-                        bar.close()
-                        _leave(stop, info)
-                fetched = time.perf_counter()
-            seconds = time.perf_counter() - started
-            updates = math.ceil((per_epoch - first) / accum)
-            if updates and skipped - skipped_before == updates:
-                raise DataError(
-                    f"{run_dir}: every optimizer step of epoch {epoch} had non-finite gradients under {cfg.train.precision}; "
-                    "train this model in fp32"
-                )
-            # Ranks hold the same parameters but their own BatchNorm statistics; take rank 0's so every rank
-            # validates (and later resumes) the same network.
-            broadcast_from_main([b for _, b in model.named_buffers()] + (list(ema.buffers.values()) if ema is not None else []), info)
-            if ema is not None:
-                ema.copy_to(scored)
-            val_logits = predict_logits(scored, data, val_idx, cfg.evaluate.batch_size)
-            val = binary_metrics(data.rows["label"][val_idx], sigmoid(val_logits), 0.5)
-            # Train metrics on a fixed, evenly spaced subset, scored like validation (no augmentation, eval mode).
-            probe = train_idx[:: max(1, len(train_idx) // TRAIN_PROBE)][:TRAIN_PROBE]
-            fit = binary_metrics(data.rows["label"][probe], sigmoid(predict_logits(scored, data, probe, cfg.evaluate.batch_size)), 0.5)
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": epoch_loss["sum"] / epoch_loss["n"] if epoch_loss["n"] else math.nan,
-                "train_balanced_accuracy": fit["balanced_accuracy"],
-                "train_roc_auc": fit["roc_auc"],
-                "val_balanced_accuracy": val["balanced_accuracy"],
-                "val_roc_auc": val["roc_auc"],
-                "samples_per_s": seen / seconds if seconds > 0 else math.nan,
-                "data_wait_fraction": wait / seconds if seconds > 0 else math.nan,
-                "peak_memory_mb": _peak_memory_mb(device),
-                "skipped_steps": skipped,
-            }
-            history = [*history, row]
-            if val["balanced_accuracy"] > best["balanced_accuracy"]:
-                best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
-                if info.is_main:
-                    weights = {k: v.detach().cpu() for k, v in scored.state_dict().items()}
-                    atomic_save({"model": weights, "ema": ema is not None, "epoch": epoch, "step": step, "digest": digest, "model_name": cfg.model.name}, run_dir / BEST)
-            if info.is_main:
-                save_checkpoint(ckpt_dir, step, snapshot())
-                _write_log(run_dir, history)
-            bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
-            if any_rank(stop.requested, info):
-                bar.close()
-                _leave(stop, info)
-    bar.close()
-    cleanup(info)
-    return {
-        "steps": step,
-        "best_epoch": best["epoch"],
-        "best_val_balanced_accuracy": best["balanced_accuracy"],
-        "skipped_steps": skipped,
-        "weights_sha256": weights_digest(model),
-    }
 
 
 def epoch_order(cfg: Config, train_idx: np.ndarray, labels: np.ndarray, epoch: int, length: int | None) -> np.ndarray:
@@ -300,6 +98,318 @@ def epoch_order(cfg: Config, train_idx: np.ndarray, labels: np.ndarray, epoch: i
     else:
         order = rng.permutation(train_idx)
     return np.resize(order, length) if length else order
+
+
+class Trainer:
+    """The state of one training run and the steps that move it.
+
+    ``step`` counts micro-batches of this rank; the optimizer steps every ``train.grad_accum`` of them (and at epoch
+    end), and checkpoints fall only on those boundaries, so no half-accumulated gradient is ever lost or duplicated.
+
+    Usage::
+
+        trainer = Trainer(cfg, n_pos=900, n_neg=700, per_epoch=50, info=init_from_env())
+        loss = trainer.train_step(cubes_uint8, targets)      # one micro-batch: augment, forward, backward, maybe update
+        trainer.load_state_dict(torch.load(ckpt, weights_only=True))
+    """
+
+    def __init__(self, cfg: Config, *, n_pos: int, n_neg: int, per_epoch: int, info: DistInfo):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.layout = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, cfg.cubes.shape_zyx).to(self.device, memory_format=self.layout)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        # Validation (and best.pt) use the averaged weights when there are any: they are what evaluation scores.
+        self.scored = copy.deepcopy(self.model) if self.ema is not None else self.model
+        self.loss_fn = make_loss(cfg, n_pos, n_neg)
+        self.per_epoch = per_epoch
+        self.total = per_epoch * cfg.train.epochs
+        self.updates_total = math.ceil(per_epoch / cfg.train.grad_accum) * cfg.train.epochs
+        self.digest = training_digest(cfg)
+        self.step, self.history, self.skipped = 0, [], 0
+        self.best = {"balanced_accuracy": -1.0, "epoch": -1}
+        # Loss summed over the epoch so far; checkpointed so a resumed epoch reports the same mean.
+        self.epoch_loss = {"sum": 0.0, "n": 0}
+        self.net: torch.nn.Module = self.model
+
+    def wrap_distributed(self) -> None:
+        """DDP after loading: it broadcasts rank 0's weights at construction, and every rank loaded the same file."""
+        if self.info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "best": self.best,
+            "skipped_steps": self.skipped,
+            "epoch_loss": self.epoch_loss,
+            "digest": self.digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history, self.best, self.skipped = state["step"], state["history"], state["best"], state["skipped_steps"]
+        self.epoch_loss = state["epoch_loss"]
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if grads_finite(self.model):
+            if self.cfg.train.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.skipped += 1  # bf16 Conv3d weight grads on CPU are sometimes inf; one skipped step costs little
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, cubes: torch.Tensor, targets: torch.Tensor) -> float:
+        """One micro-batch of uint8 cubes (B, 1, Z, Y, X): augment (seeded by the step), forward, backward, and the
+        optimizer update when this micro-batch closes an accumulation group. Returns the loss."""
+        cfg, accum = self.cfg, self.cfg.train.grad_accum
+        epoch = self.step // self.per_epoch
+        update = epoch * math.ceil(self.per_epoch / accum) + (self.step - epoch * self.per_epoch) // accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, update, self.updates_total)
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step))
+        cubes, targets = cubes.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        x, y = mix(normalize(apply(cubes, cfg.augment, gen)), targets, cfg.augment, gen)
+        if cfg.train.label_smoothing > 0:
+            y = soft_targets(y, cfg.train.label_smoothing)
+        with autocast(cfg.train.precision, self.device):
+            loss = self.loss_fn(self.net(x.contiguous(memory_format=self.layout)).float(), y)
+        self.scaler.scale(loss / accum).backward()
+        self.step += 1
+        in_epoch = self.step - epoch * self.per_epoch
+        if in_epoch % accum == 0 or in_epoch == self.per_epoch:
+            self._optimizer_step()
+        value = float(loss.detach())
+        self.epoch_loss = {"sum": self.epoch_loss["sum"] + value, "n": self.epoch_loss["n"] + 1}
+        return value
+
+    def at_boundary(self) -> bool:
+        """True after a micro-batch that closed an accumulation group inside an epoch (a safe checkpoint point; an
+        epoch's last step is checkpointed after validation instead, so resuming never skips it)."""
+        in_epoch = self.step - (self.step - 1) // self.per_epoch * self.per_epoch
+        return in_epoch % self.cfg.train.grad_accum == 0 and in_epoch != self.per_epoch
+
+    def run_epoch(self, data: ShardSet, train_idx: np.ndarray, labels: np.ndarray, *, on_step: Callable[[], bool]) -> dict[str, float]:
+        """The rest of the current epoch (from a resumed step if need be). ``on_step`` runs after every micro-batch
+        and returns True to stop early (a checkpoint was written and the run must leave). Returns seen samples,
+        seconds, data-wait seconds and whether it stopped."""
+        info, batch, world = self.info, self.cfg.train.batch_size, self.info.world_size
+        epoch, first = divmod(self.step, self.per_epoch)
+        order = epoch_order(self.cfg, train_idx, labels, epoch, self.per_epoch * batch * world if world > 1 else None)
+        # Rank r takes the r-th slice of each global batch; one process takes the whole order.
+        positions = [list(range((b * world + info.rank) * batch, min((b * world + info.rank + 1) * batch, len(order)))) for b in range(first, self.per_epoch)]
+        loader = DataLoader(CubeDataset(data, order), batch_sampler=positions, num_workers=self.cfg.train.num_workers, generator=private_generator())
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if first == 0:
+            self.epoch_loss = {"sum": 0.0, "n": 0}
+        seen, wait, started, skipped_before = 0, 0.0, time.perf_counter(), self.skipped
+        fetched = time.perf_counter()
+        for cubes, targets, _ in loader:
+            wait += time.perf_counter() - fetched
+            self.train_step(cubes, targets)
+            seen += len(targets)
+            if on_step():
+                return {"seen": seen, "seconds": time.perf_counter() - started, "wait": wait, "stopped": True}
+            fetched = time.perf_counter()
+        updates = math.ceil((self.per_epoch - first) / self.cfg.train.grad_accum)
+        if updates and self.skipped - skipped_before == updates:
+            raise DataError(
+                f"{self.cfg.run_dir}: every optimizer step of epoch {epoch} had non-finite gradients under "
+                f"{self.cfg.train.precision}; train this model in fp32"
+            )
+        return {"seen": seen, "seconds": time.perf_counter() - started, "wait": wait, "stopped": False}
+
+    def validate(self, data: ShardSet, val_idx: np.ndarray, probe_idx: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+        """Metrics at tau 0.5 of the scored (EMA) weights on validation and on a fixed training probe."""
+        # Ranks hold the same parameters but their own BatchNorm statistics; take rank 0's so every rank validates
+        # (and later resumes) the same network.
+        ema_buffers = list(self.ema.buffers.values()) if self.ema is not None else []
+        broadcast_from_main([b for _, b in self.model.named_buffers()] + ema_buffers, self.info)
+        if self.ema is not None:
+            self.ema.copy_to(self.scored)
+        batch = self.cfg.evaluate.batch_size
+        val = binary_metrics(data.rows["label"][val_idx], sigmoid(predict_rows(self.scored, data, val_idx, batch)), 0.5)
+        fit = binary_metrics(data.rows["label"][probe_idx], sigmoid(predict_rows(self.scored, data, probe_idx, batch)), 0.5)
+        return val, fit
+
+    def progress(self) -> TrainProgress:
+        return TrainProgress(
+            planned_steps=self.total, done_steps=self.step, steps_per_epoch=self.per_epoch, epochs=self.cfg.train.epochs,
+            world_size=self.info.world_size, batch_size=self.cfg.train.batch_size, training_digest=self.digest, updated_at=time.time(),
+        )
+
+
+def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume training) the configured model on the run's train split; validation picks the best epoch.
+
+    Rank 0 holds the run's training lock, writes checkpoints, ``best.pt`` with its model card, the train log and the
+    progress record; every rank reads the same verified shards.
+    """
+    torch.set_num_threads(cfg.train.threads)
+    run = RunDir(cfg.run_dir)
+    info = init_from_env(cfg.train.device)
+    data = ShardSet(run)
+    train_idx, val_idx = data.indices(SPLITS["train"]), data.indices(SPLITS["val"])
+    labels = data.rows["label"][train_idx]
+    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise DataError(f"{run.path}: the train split holds only one class (excitatory {n_pos}, inhibitory {n_neg})")
+    per_epoch = math.ceil(len(train_idx) / (cfg.train.batch_size * info.world_size))  # batch_size is per rank
+    lock = run.train_lock() if info.is_main else nullcontext()
+    with lock:
+        if info.is_main:
+            save_config(cfg, run.config)  # the recipe this run trains with; extraction sections were checked equal
+        trainer = Trainer(cfg, n_pos=n_pos, n_neg=n_neg, per_epoch=per_epoch, info=info)
+        state, path = load_latest(run.checkpoints)
+        if state is not None:
+            if state["digest"] != trainer.digest:
+                raise DataError(f"{path}: checkpoint was written by a different model/training config; use a new run.name")
+            trainer.load_state_dict(state)
+            print(f"resuming from {path} at step {trainer.step}", flush=True)
+        trainer.wrap_distributed()
+        return _loop(cfg, run, trainer, data, train_idx, labels, val_idx, progress)
+
+
+def _loop(cfg: Config, run: RunDir, trainer: Trainer, data: ShardSet, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    info = trainer.info
+    probe = train_idx[:: max(1, len(train_idx) // TRAIN_PROBE)][:TRAIN_PROBE]
+    bar = tqdm(total=trainer.total, initial=trainer.step, unit="step", desc="train", disable=not progress)
+    log = _StepLog(cfg, trainer, enabled=info.is_main and not progress)
+    with bar, StopFlag() as stop:  # the bar ends its line before any error message is printed
+
+        def on_step() -> bool:
+            bar.update(1)
+            log.step()
+            stopping = trainer.at_boundary() and any_rank(stop.requested, info)
+            if trainer.at_boundary() and (trainer.step % cfg.train.checkpoint_every == 0 or stopping):
+                _checkpoint(run, trainer)
+            return stopping
+
+        while trainer.step < trainer.total:
+            epoch = trainer.step // trainer.per_epoch
+            done = trainer.run_epoch(data, train_idx, labels, on_step=on_step)
+            if done["stopped"]:
+                bar.close()
+                _leave(stop, info)
+            val, fit = trainer.validate(data, val_idx, probe)
+            row = {
+                "epoch": epoch,
+                "step": trainer.step,
+                "lr": trainer.optimizer.param_groups[0]["lr"],
+                "train_loss": trainer.epoch_loss["sum"] / trainer.epoch_loss["n"] if trainer.epoch_loss["n"] else math.nan,
+                "train_balanced_accuracy": fit["balanced_accuracy"],
+                "train_roc_auc": fit["roc_auc"],
+                "val_balanced_accuracy": val["balanced_accuracy"],
+                "val_roc_auc": val["roc_auc"],
+                "samples_per_s": done["seen"] / done["seconds"] if done["seconds"] > 0 else math.nan,
+                "data_wait_fraction": done["wait"] / done["seconds"] if done["seconds"] > 0 else math.nan,
+                "peak_memory_mb": _peak_memory_mb(trainer.device),
+                "skipped_steps": trainer.skipped,
+            }
+            trainer.history = [*trainer.history, row]
+            if val["balanced_accuracy"] > trainer.best["balanced_accuracy"]:
+                trainer.best = {"balanced_accuracy": val["balanced_accuracy"], "epoch": epoch}
+                if info.is_main:
+                    _save_best(cfg, run, trainer, data, val, epoch)
+            _checkpoint(run, trainer)
+            if info.is_main:
+                write_csv(pd.DataFrame(trainer.history), run.train_log)
+            log.epoch(row)
+            bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
+            if any_rank(stop.requested, info):
+                bar.close()
+                _leave(stop, info)
+    cleanup(info)
+    return {
+        "steps": trainer.step,
+        "best_epoch": trainer.best["epoch"],
+        "best_val_balanced_accuracy": trainer.best["balanced_accuracy"],
+        "skipped_steps": trainer.skipped,
+        "weights_sha256": weights_digest(trainer.model),
+    }
+
+
+def _checkpoint(run: RunDir, trainer: Trainer) -> None:
+    if trainer.info.is_main:
+        save_checkpoint(run.checkpoints, trainer.step, trainer.state_dict())
+        run.write_progress(trainer.progress())
+
+
+def _save_best(cfg: Config, run: RunDir, trainer: Trainer, data: ShardSet, val: dict[str, float], epoch: int) -> None:
+    """best.pt (the scored weights) and its model card, the card last so it never names weights not yet written."""
+    from synhpc.manifest import read_provenance
+    from synhpc.modelcard import card_from_training, write_card
+    from synhpc.shards import file_sha256
+
+    weights = {k: v.detach().cpu() for k, v in trainer.scored.state_dict().items()}
+    atomic_save({"model": weights, "ema": trainer.ema is not None, "epoch": epoch, "step": trainer.step, "digest": trainer.digest, "model_name": cfg.model.name}, run.best)
+    validation = {k: float(v) for k, v in val.items() if k in ("balanced_accuracy", "roc_auc", "pr_auc", "accuracy", "mcc")}
+    card = card_from_training(
+        cfg, epoch=epoch, step=trainer.step, training_digest=trainer.digest, weights_sha256=file_sha256(run.best),
+        provenance=read_provenance(run), counts=data.counts(), validation=validation, ema=trainer.ema is not None,
+    )
+    write_card(run, card)
+
+
+class _StepLog:
+    """Plain log lines for batch jobs (where no progress bar is drawn): every ``train.log_every`` steps and at each
+    epoch end, with step, loss, samples/s and the estimated time left."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, enabled: bool):
+        self.cfg, self.trainer, self.enabled = cfg, trainer, enabled
+        self.start_step, self.started = trainer.step, time.perf_counter()
+        if enabled:
+            device = trainer.device
+            cudnn = f", cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else ""
+            print(f"train: {cfg.model.name} on {device}{cudnn}, {trainer.info.world_size} rank(s), step {trainer.step}/{trainer.total}", flush=True)
+
+    def _rate(self) -> tuple[float, str]:
+        seconds = time.perf_counter() - self.started
+        steps = self.trainer.step - self.start_step
+        per_s = steps / seconds if seconds > 0 else 0.0
+        left = (self.trainer.total - self.trainer.step) / per_s if per_s > 0 else math.inf
+        eta = "?" if not math.isfinite(left) else time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} d"
+        return per_s * self.cfg.train.batch_size * self.trainer.info.world_size, eta
+
+    def step(self) -> None:
+        t = self.trainer
+        if self.enabled and self.cfg.train.log_every > 0 and t.step % self.cfg.train.log_every == 0:
+            rate, eta = self._rate()
+            loss = t.epoch_loss["sum"] / t.epoch_loss["n"] if t.epoch_loss["n"] else math.nan
+            print(f"step {t.step}/{t.total} loss {loss:.4f} {rate:.1f} samples/s eta {eta}", flush=True)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            rate, eta = self._rate()
+            print(
+                f"epoch {row['epoch'] + 1}/{self.cfg.train.epochs} step {row['step']}/{self.trainer.total} loss {row['train_loss']:.4f} "
+                f"val balanced accuracy {row['val_balanced_accuracy']:.3f} {rate:.1f} samples/s eta {eta}",
+                flush=True,
+            )
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -317,11 +427,6 @@ def _leave(stop: StopFlag, info: DistInfo) -> None:
     if stop.requested:
         stop.finish()
     raise SystemExit(128 + signal.SIGTERM)
-
-
-def total_updates(cfg: Config, per_epoch: int) -> int:
-    """Optimizer steps in the whole run: each epoch's last partial accumulation group still steps."""
-    return math.ceil(per_epoch / cfg.train.grad_accum) * cfg.train.epochs
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -91,7 +91,7 @@ FAST_TRAINING = {
 @pytest.fixture(scope="session")
 def extracted_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """A run folder with extracted cubes (debug executor), and the overrides that describe it."""
-    from jobs.extract import run_extraction
+    from slurm.launch import run_extraction
     from synhpc.config import load_config
 
     root = tmp_path_factory.mktemp("labelled")

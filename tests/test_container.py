@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.container import container_python, lint_definition
+from slurm.container import container_python, lint_definition
 
 REPO = Path(__file__).resolve().parents[1]
 DEFINITION = REPO / "containers" / "synhpc.def"
@@ -177,7 +177,7 @@ def test_missing_definition_is_a_problem_not_an_exit(tmp_path: Path) -> None:
 
 def test_lint_cli_exit_status(tmp_path: Path) -> None:
     bad = _write(tmp_path, GOOD.replace("2.13.0-cuda12.6-cudnn9-runtime", "latest"))
-    run = subprocess.run([sys.executable, "-m", "jobs.container", str(DEFINITION), str(bad)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "slurm.container", str(DEFINITION), str(bad)], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 1
     assert "latest" in run.stderr and f"{DEFINITION}: ok" in run.stdout

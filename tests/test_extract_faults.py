@@ -1,10 +1,10 @@
 """Extraction under SIGKILL: a killed shard task never leaves a partial shard visible, and rerunning it yields a
 dataset identical to an uninterrupted run's.
 
-Each trial starts a shard task, kills it with SIGKILL after a random delay (0-1.5 s, seeded per trial so a failure
-names a reproducible seed; set SYNHPC_FAULT_SEED to explore other timings), then checks what a reader would see.
-Task processes import first and signal readiness, so a kill lands in the work, not in imports; two more trials
-run the exact ``python -c "from jobs.extract import run_task; ..."`` command a job runs.
+Each trial starts a shard task that SIGKILLs itself at a seeded write event (a dataset created in a temporary shard,
+the fsync or the rename; set SYNHPC_FAULT_SEED to explore other points), so every kill lands whatever the machine's
+load, then checks what a reader would see. Two more trials kill the exact
+``python -c "from jobs.extract import extract_job; ..."`` command a job runs from outside, while it works.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import overrides, write_labelled_world
-from jobs.extract import prepare, run_task
+from jobs.extract import extract_job
+from synhpc.manifest import prepare_run
 from synhpc.config import load_config
-from synhpc.cubes import CUBES_DIR
 from synhpc.shards import shard_complete
 
 BASE_SEED = int(os.environ.get("SYNHPC_FAULT_SEED", "20260601"))
@@ -50,8 +50,8 @@ def fault_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     world = write_labelled_world(root / "world", n_synapses=240, n_neurons=24, seed=5)
     ref = _cfg(world, root / "logs", "reference")
-    sizes, _ = prepare(ref)
-    run_task(str(ref.run_dir), sorted(sizes))
+    sizes, _ = prepare_run(ref)
+    extract_job(str(ref.run_dir), sorted(sizes))
     return world, root, ref, sizes
 
 
@@ -92,13 +92,33 @@ def _check_visible(cubes: Path, ref_cubes: Path, sizes: dict[int, int], context:
     return visible
 
 
-# A task process that imports everything, says "ready", then reads its shard list from stdin and runs it, so the
-# random delay starts when the work does. Tasks are started one trial ahead so their imports overlap the previous
-# trial (fork from pytest is not used: cloud-volume imports gevent and forked children can deadlock).
-WARM_TASK = (
-    "import json, sys; from jobs.extract import run_task; import cloudvolume, h5py; print('ready', flush=True); "
-    "run_dir, shards = json.loads(sys.stdin.readline()); run_task(run_dir, shards)"
-)
+# A task process that imports everything, says "ready", then reads its shard list and a kill point from stdin and
+# runs the shards. It SIGKILLs itself at the kill point: the n-th write event (a dataset created inside a temporary
+# shard, the fsync, or the rename into place), so every trial kills at a chosen spot, however loaded the machine is.
+# Tasks are started one trial ahead so their imports overlap the previous trial (fork from pytest is not used:
+# cloud-volume imports gevent and forked children can deadlock).
+WARM_TASK = """
+import json, os, signal, sys
+import h5py, cloudvolume
+from jobs.extract import extract_job
+print('ready', flush=True)
+run_dir, shards, kill_at = json.loads(sys.stdin.readline())
+events = [0]
+def tick():
+    events[0] += 1
+    if events[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+def counted(fn):
+    def wrapper(*args, **kwargs):
+        tick()
+        return fn(*args, **kwargs)
+    return wrapper
+h5py.Group.create_dataset = counted(h5py.Group.create_dataset)
+os.fsync = counted(os.fsync)
+os.replace = counted(os.replace)
+extract_job(run_dir, shards)
+print('events', events[0], flush=True)
+"""
 
 
 def _warm_task() -> subprocess.Popen:
@@ -106,19 +126,16 @@ def _warm_task() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WARM_TASK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
 
 
-def _task_seconds(run_dir: Path, shards: list[int]) -> float:
-    """Wall time of one whole task after its imports; its shards are removed again. Kill delays are drawn inside
-    it, however fast extraction gets."""
+def _events_per_task(run_dir: Path, shards: list[int]) -> int:
+    """Write events of one whole uninterrupted task (its shards are removed again); kill points are drawn below it."""
     import json
 
-    timing = _warm_task()
-    assert timing.stdout.readline().strip() == "ready"
-    started = time.monotonic()
-    timing.communicate(json.dumps([str(run_dir), shards]) + "\n")
-    seconds = time.monotonic() - started
-    for path in (run_dir / CUBES_DIR).glob("shard-*.h5"):
+    task = _warm_task()
+    assert task.stdout.readline().strip() == "ready"
+    out, _ = task.communicate(json.dumps([str(run_dir), shards, 0]) + "\n")
+    for path in (run_dir / "cubes").glob("shard-*.h5"):
         path.unlink()
-    return seconds
+    return int(out.split()[-1])
 
 
 def test_sigkill_never_leaves_a_partial_shard(fault_world):
@@ -126,13 +143,13 @@ def test_sigkill_never_leaves_a_partial_shard(fault_world):
 
     world, root, ref, sizes = fault_world
     cfg = _cfg(world, root / "logs", "victim")
-    prepare(cfg)
-    cubes, ref_cubes = cfg.run_dir / CUBES_DIR, ref.run_dir / CUBES_DIR
+    prepare_run(cfg)
+    cubes, ref_cubes = cfg.run_dir / "cubes", ref.run_dir / "cubes"
     cubes.mkdir(parents=True, exist_ok=True)
     shards = sorted(sizes)
     kills = mid_write = 0
     trials = 20
-    max_delay = 0.8 * _task_seconds(cfg.run_dir, shards)
+    events = _events_per_task(cfg.run_dir, shards)
     upcoming = _warm_task()
     try:
         for trial in range(trials):
@@ -148,10 +165,8 @@ def test_sigkill_never_leaves_a_partial_shard(fault_world):
             rng.shuffle(order)
             proc, upcoming = upcoming, (_warm_task() if trial < trials - 1 else None)
             assert proc.stdout.readline().strip() == "ready"
-            proc.stdin.write(json.dumps([str(cfg.run_dir), order]) + "\n")
+            proc.stdin.write(json.dumps([str(cfg.run_dir), order, rng.randint(1, events)]) + "\n")
             proc.stdin.flush()
-            time.sleep(rng.uniform(0.0, max_delay))
-            proc.send_signal(signal.SIGKILL)
             kills += proc.wait() == -signal.SIGKILL
             proc.stdin.close()
             proc.stdout.close()
@@ -159,13 +174,13 @@ def test_sigkill_never_leaves_a_partial_shard(fault_world):
             _check_visible(cubes, ref_cubes, sizes, context)
             if trial % 5 == 4 or trial == trials - 1:
                 # Rerun to completion: identical to the uninterrupted run, shard by shard, dataset by dataset.
-                run_task(str(cfg.run_dir), shards)
+                extract_job(str(cfg.run_dir), shards)
                 assert _check_visible(cubes, ref_cubes, sizes, context) == len(shards)
     finally:
         if upcoming is not None:
             upcoming.kill()
             upcoming.wait()
-    assert kills >= 18, f"only {kills} of {trials} kills landed before the task finished; make the run bigger"
+    assert kills == trials, f"only {kills} of {trials} tasks died at their kill point"
     assert mid_write >= 1, "no kill landed inside a shard write; the test is not exercising the atomic rename"
     print(f"\n{kills} kills, {mid_write} mid-write, {len(list(cubes.glob('.shard-*.tmp')))} temp files left behind")
 
@@ -174,16 +189,15 @@ def test_sigkill_of_the_job_command(fault_world):
     """The command a SLURM task runs, killed twice, then rerun in a fresh interpreter."""
     world, root, ref, sizes = fault_world
     cfg = _cfg(world, root / "logs", "command")
-    prepare(cfg)
-    cubes, ref_cubes = cfg.run_dir / CUBES_DIR, ref.run_dir / CUBES_DIR
+    prepare_run(cfg)
+    cubes, ref_cubes = cfg.run_dir / "cubes", ref.run_dir / "cubes"
     shards = sorted(sizes)
     # Imports first, then a line on stdout: the delay starts when the task starts its work.
     code = (
-        "import sys; from jobs.extract import run_task; import cloudvolume, h5py; print('ready', flush=True); "
-        f"run_task({str(cfg.run_dir)!r}, {shards!r})"
+        "import sys; from jobs.extract import extract_job; import cloudvolume, h5py; print('ready', flush=True); "
+        f"extract_job({str(cfg.run_dir)!r}, {shards!r})"
     )
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-    max_delay = 0.8 * _task_seconds(cfg.run_dir, shards)
     kills = 0
     for trial in range(2):
         seed = BASE_SEED + 100 + trial
@@ -192,7 +206,11 @@ def test_sigkill_of_the_job_command(fault_world):
             path.unlink()  # leave the task enough work that the kill lands
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, max_delay))
+        # Kill once the k-th shard (k in the first half) is in place: most of the task's work is still ahead, so the
+        # signal lands in a running task however slow or loaded the machine is.
+        target = rng.randint(1, len(shards) // 2)
+        while proc.poll() is None and len(list(cubes.glob("shard-*.h5")) if cubes.is_dir() else []) < target:
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         kills += proc.wait() == -signal.SIGKILL
         proc.stdout.close()

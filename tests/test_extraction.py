@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.extract import run_extraction
+from slurm.launch import run_extraction
 from synhpc.config import load_config
 from synhpc.errors import DataError
 from synhpc.imagery import CubeReader
-from synhpc.shards import build_index, shard_name
+from synhpc.rundir import RunDir, shard_name
+from synhpc.shards import build_index
 
 
 def test_shards_follow_the_contract(extracted_run):
@@ -30,7 +31,7 @@ def test_shards_follow_the_contract(extracted_run):
             assert list(f.attrs["resolution_nm"]) == [8, 8, 40] and f.attrs["mip"] == 0
             assert list(f.attrs["cube_shape_zyx"]) == [8, 24, 24] and f.attrs["imagery_url"] == cfg.imagery.url
             assert "materialization_version" in f.attrs
-            expected, _ = reader.cubes(f["center_vx"][...], (8, 24, 24))
+            expected = reader.cubes(f["center_vx"][...], (8, 24, 24))[0]
             np.testing.assert_array_equal(f["cube"][...], expected)
             seen.extend(f["synapse_id"][...].tolist())
             # centre = floor(position * 4x4x40 / 8x8x40)
@@ -62,14 +63,27 @@ def test_rerun_writes_only_missing_shards(extracted_run, tmp_path):
 
 
 def test_index_names_missing_shards(tmp_path):
-    with pytest.raises(DataError, match=r"2 shard\(s\) missing or incomplete: shard-00000.h5, shard-00001.h5"):
-        build_index(tmp_path, {0: 4, 1: 4})
+    with pytest.raises(DataError, match=r"2 shard\(s\) missing, incomplete or from another extraction: shard-00000.h5, shard-00001.h5"):
+        build_index(RunDir(tmp_path), {0: 4, 1: 4}, "digest")
 
 
-def test_synapse_outside_volume_is_an_error(extracted_run, tmp_path):
+def test_synapses_outside_the_imagery_are_dropped_and_counted(extracted_run, tmp_path):
+    from synhpc.manifest import plan_manifest
+
     _, args = extracted_run
-    cfg = load_config("configs/demo.yaml", [*args, "tables.position_resolution_nm=[40, 40, 40]", f"run.root={tmp_path}"])
-    with pytest.raises(DataError, match="outside the volume"):
+    # 8 nm table units double x and y: synapses in the far half of the volume now map outside it.
+    cfg = load_config("configs/demo.yaml", [*args, "tables.position_resolution_nm=[8, 8, 40]", "split.tolerance=0.3", f"run.root={tmp_path}"])
+    manifest, drops, _, volume = plan_manifest(cfg)
+    table = pd.read_csv(cfg.tables.synapses)
+    outside = ((table[["ctr_pt_position_x", "ctr_pt_position_y"]] * 8 // 8) >= np.array(volume["hi"][:2])).any(axis=1)
+    assert drops["synapse_centre_outside_imagery"] == int(outside.sum()) > 0
+    assert set(manifest["synapse_id"]) == set(table.loc[~outside, "id"]) - set(table.loc[~outside & (table["pre_pt_root_id"] == table["post_pt_root_id"]), "id"])
+
+
+def test_all_synapses_outside_the_imagery_is_a_units_error(extracted_run, tmp_path):
+    _, args = extracted_run
+    cfg = load_config("configs/demo.yaml", [*args, "tables.position_resolution_nm=[400, 400, 400]", f"run.root={tmp_path}"])
+    with pytest.raises(DataError, match="outside the volume .* as do all others; check tables.position_resolution_nm"):
         run_extraction(cfg, progress=False)
     assert not (tmp_path / "base").exists()
 

@@ -14,9 +14,10 @@ from synhpc.config import ModelConfig
 from synhpc.errors import DataError
 from synhpc.models.tv_compat import import_torchvision
 from synhpc.models.video import stages
-from synhpc.models.zoo import MIN_SHAPE, ZOO
+from synhpc.models.zoo import ZOO
 
 NAMES = sorted(ZOO)
+MIN_SHAPE = {name: spec.min_shape for name, spec in ZOO.items()}
 CONV3D = [n for n in NAMES if n.startswith(("r2plus1d", "r3d", "mc3", "unet3d"))]
 
 
@@ -33,18 +34,17 @@ def threads(n: int):
 @functools.cache
 def _built(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return ZOO[name](ModelConfig(name=name, width=4, dropout=0.0), MIN_SHAPE[name])
+    return ZOO[name].build(ModelConfig(name=name, width=4, dropout=0.0), MIN_SHAPE[name])
 
 
 def build(name: str, **kw) -> nn.Module:
     """A fresh model; without keywords a copy of a cached one (initialising 30 M weights dominates test time)."""
     if not kw:
         return copy.deepcopy(_built(name))
-    return ZOO[name](ModelConfig(name=name, width=4, dropout=0.0, **kw), MIN_SHAPE[name])
+    return ZOO[name].build(ModelConfig(name=name, width=4, dropout=0.0, **kw), MIN_SHAPE[name])
 
 
-def test_zoo_and_min_shape_cover_the_same_names():
-    assert set(ZOO) == set(MIN_SHAPE)
+def test_zoo_names():
     expected = {"r2plus1d_18", "r3d_18", "mc3_18", "unet3d", "resnet18_2d", "resnet50_2d", "cnn2d", "resnet18_25d", "resnet50_25d", "cnn2d_25d"}
     assert expected | {f"{n}_gn" for n in ("r2plus1d_18", "r3d_18", "mc3_18", "unet3d")} == set(ZOO)
 
@@ -72,25 +72,30 @@ FAST_TRAIN = {"cnn2d", "cnn2d_25d", "unet3d", "unet3d_gn", "resnet18_2d", "r3d_1
 
 @pytest.mark.parametrize("name", [n if n in FAST_TRAIN else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_training_reduces_loss(name):
+    """12 Adam steps on a trivially separable batch at least halve the loss (measured: every model ends at or below 0.45x).
+
+    The margin is wide on purpose: a comparison of two nearby losses would hinge on kernel rounding and thread
+    count, and flake on a loaded machine.
+    """
     model = build(name)
-    # Trivially separable: positives bright, negatives dark, plus noise so BatchNorm sees more than one value per
-    # channel (on 1-voxel cubes batch statistics make the first steps erratic). A small Adam step for the same reason.
-    shape = tuple(max(a, b) for a, b in zip(MIN_SHAPE[name], (2, 8, 8)))
+    # Positives bright, negatives dark, plus noise so normalisation layers see more than one value per channel.
+    # unet3d_gn gets a larger cube: its bottleneck would be one voxel, where a group normalises every value to zero.
+    shape = tuple(max(a, b) for a, b in zip(MIN_SHAPE[name], (4, 16, 16) if name == "unet3d_gn" else (2, 8, 8)))
     targets = torch.tensor([1.0, 0.0] * 4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 1, *shape, generator=gen) * 0.5 + (targets * 2 - 1).view(8, 1, 1, 1, 1)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    losses = []
-    for _ in range(2):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(12):
         loss = nn.functional.binary_cross_entropy_with_logits(model(x), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        first = float(loss.detach()) if first is None else first
     with torch.no_grad():
         final = float(nn.functional.binary_cross_entropy_with_logits(model(x), targets))
-    assert final < losses[0], (losses, final)
+    assert final < 0.5 * first, (first, final)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n.endswith("_gn")])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import h5py
@@ -13,7 +12,7 @@ import pytest
 
 from synhpc.config import load_config
 from synhpc.manifest import plan_manifest
-from jobs.plan import SLURM_DEFAULT_MAX_ARRAY_SIZE, array_chunks, cluster_max_array_size, format_plan, make_plan
+from slurm.plan import SLURM_DEFAULT_MAX_ARRAY_SIZE, array_chunks, cluster_max_array_size, format_plan, make_plan
 
 
 @pytest.mark.parametrize(
@@ -58,7 +57,7 @@ def test_cluster_max_array_size(tmp_path, monkeypatch):
 
 
 def test_plan_of_an_extracted_run(extracted_run, tmp_path, monkeypatch):
-    from jobs.launch import task_groups
+    from slurm.launch import task_groups
 
     run, args = extracted_run
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: SLURM's default applies
@@ -82,12 +81,12 @@ def test_plan_of_an_extracted_run(extracted_run, tmp_path, monkeypatch):
     text = format_plan(plan)
     assert f"{plan['synapses']:,}" in text and "shard(s)" in text
 
-    slurm = load_config("configs/demo.yaml", [*args, "execution.executor=slurm", "execution.max_parallel=3"])
+    slurm = load_config("configs/demo.yaml", [*args, "execution.executor=slurm", "execution.profile=local"])
     _fake_scontrol(tmp_path, "MaxArraySize = 2")
     plan = make_plan(slurm, rate_cubes_per_s=10.0)
     assert plan["tasks"] == plan["shards"] and plan["max_array_size_source"] == "scontrol"
     assert plan["arrays"] == [[r.start, r.stop] for r in array_chunks(plan["shards"], 2)]
-    assert plan["array_specs"][0] == "0-1%3"
+    assert plan["array_specs"][0] == "0-1%2"  # the local profile's extract.array_parallelism
     assert plan["seconds"] == pytest.approx(plan["synapses"] / 10.0)
     assert make_plan(slurm, max_array_size=1000)["max_array_size_source"] == "argument"
     assert "sbatch --array" in format_plan(plan)
@@ -140,9 +139,7 @@ def test_plan_counts_on_a_large_table(tmp_path):
             f"imagery.url=file://{tmp_path / 'em'}", "execution.executor=slurm", "cubes.shard_size=256",
         ],
     )  # fmt: skip
-    start = time.perf_counter()
-    plan = make_plan(cfg, max_array_size=100)
-    elapsed = time.perf_counter() - start
+    plan = make_plan(cfg, max_array_size=100)  # speed is measured by `synhpc plan` on 2 M synapses, not asserted here
     kept = truth["kept"]
     assert plan["synapses"] == int(kept.sum())
     assert plan["drops"]["synapse_invalid"] == int((~truth["valid"]).sum())
@@ -163,4 +160,3 @@ def test_plan_counts_on_a_large_table(tmp_path):
     assert plan["shards"] == math.ceil(plan["synapses"] / 256) == plan["tasks"]
     assert [b - a for a, b in plan["arrays"]] == [100] * (plan["shards"] // 100) + ([plan["shards"] % 100] if plan["shards"] % 100 else [])
     assert plan["raw_bytes"] == plan["synapses"] * 16 * 48 * 48
-    assert elapsed < 8, f"planning {n:,} synapses took {elapsed:.1f} s"

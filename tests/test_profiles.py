@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import submitit
 
-from jobs import status as status_mod
-from jobs.container import container_python
-from jobs.profiles import available_profiles, check_submittable, load_profile, stage_parameters
-from synhpc.errors import ConfigError
+from slurm import queue as queue_mod
+from slurm import status as status_mod
+from slurm.container import container_python
+from slurm.profile import available_profiles, check_submittable, load_profile, stage_parameters
+from synhpc.errors import ConfigError, DataError
+from synhpc.rundir import RunDir, TrainProgress
 
 HYAK_READY = [
     "account=mylab",
@@ -70,7 +72,7 @@ def test_hyak_needs_account_then_lab_paths():
 
 
 def test_submit_with_hyak_and_no_account_fails_before_touching_anything(tmp_path):
-    from jobs.submit import submit_pipeline
+    from slurm.submit import submit_pipeline
     from synhpc.config import load_config
 
     cfg = load_config(None, [f"run.root={tmp_path}", "run.name=x"])
@@ -91,7 +93,7 @@ def _sbatch_lines(executor: submitit.AutoExecutor) -> list[str]:
 
 
 def test_hyak_train_job_sbatch_script_exactly(tmp_path, no_srun):
-    from jobs.submit import make_stage_executor
+    from slurm.launch import stage_executor as make_stage_executor
 
     profile = load_profile("hyak", HYAK_READY)
     executor = make_stage_executor(profile, "train", tmp_path / "train", dependency="afterok:123")
@@ -136,7 +138,7 @@ def test_hyak_train_job_sbatch_script_exactly(tmp_path, no_srun):
 
 
 def test_hyak_extract_array_has_no_nv_and_term_signal_is_exported(tmp_path, no_srun):
-    from jobs.submit import make_stage_executor
+    from slurm.launch import stage_executor as make_stage_executor
 
     profile = load_profile("hyak", [*HYAK_READY, "preempt_signal=TERM", "signal_delay_s=300"])
     executor = make_stage_executor(profile, "extract", tmp_path / "extract")
@@ -151,7 +153,7 @@ def test_hyak_extract_array_has_no_nv_and_term_signal_is_exported(tmp_path, no_s
 def test_local_profile_runs_the_submitting_python(tmp_path, no_srun):
     import sys
 
-    from jobs.submit import make_stage_executor
+    from slurm.launch import stage_executor as make_stage_executor
 
     executor = make_stage_executor(load_profile("local"), "train", tmp_path / "t")
     assert executor._executor.python == shlex.quote(sys.executable)
@@ -161,15 +163,17 @@ def test_local_profile_runs_the_submitting_python(tmp_path, no_srun):
 
 
 def test_status_without_slurm_shows_disk_state(tmp_path, monkeypatch):
-    monkeypatch.setattr(status_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(queue_mod.shutil, "which", lambda name: None)
     run = tmp_path / "run"
     (run / "cubes").mkdir(parents=True)
     (run / "cubes" / "shard-00000.h5").write_bytes(b"")
     pd.DataFrame({"split": [0, 0, 1], "shard": [0, 1, 1]}).to_csv(run / "synapses.csv", index=False)
     (run / "config.yaml").write_text("train: {epochs: 2, batch_size: 2}\n")
+    RunDir(run).write_progress(TrainProgress(planned_steps=2, done_steps=0, steps_per_epoch=1, epochs=2, world_size=1, batch_size=2, training_digest="x", updated_at=0.0))
     pd.DataFrame([{"submission": 1, "stage": "train", "job_id": "77", "array_range": "", "items": "", "submitted_at": "t", "dependency": ""}]).to_csv(run / "jobs.csv", index=False)
     text = status_mod.status(run)
     assert "train     77         unknown" in text
     assert "shards: 1/2 on disk, index missing" in text
     assert "step 0/2" in text and "evaluation: not yet" in text
-    assert status_mod.status(tmp_path / "missing").endswith("(no such run folder)")
+    with pytest.raises(DataError, match="missing: no such run folder"):
+        status_mod.status(tmp_path / "missing")

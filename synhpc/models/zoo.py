@@ -7,22 +7,21 @@ BatchNorm; ``_2d`` names read the centre section, ``_25d`` names the three centr
 
 Usage::
 
-    from synhpc.models.zoo import ZOO, MIN_SHAPE
-    model = ZOO["r2plus1d_18_gn"](cfg.model, cfg.cubes.shape_zyx)
+    from synhpc.models.zoo import ZOO
+    model = ZOO["r2plus1d_18_gn"].build(cfg.model, cfg.cubes.shape_zyx)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from synhpc.config import ModelConfig
 from synhpc.models.planar import planar
+from synhpc.models.spec import Builder, ModelSpec
 from synhpc.models.unet3d import UNet3DEncoder
 from synhpc.models.video import VIDEO_ARCHS, video_resnet
-
-Builder = Callable[[ModelConfig, Sequence[int]], nn.Module]
 
 
 def _video(arch: str, norm: str) -> Builder:
@@ -45,27 +44,21 @@ def _planar(backbone: str, mode: str) -> Builder:
     return lambda cfg, shape: planar(backbone, mode, width=cfg.width, dropout=cfg.dropout, pretrained=cfg.pretrained)  # type: ignore[arg-type]
 
 
-ZOO: dict[str, Builder] = {}
-for _arch in VIDEO_ARCHS:
-    ZOO[_arch] = _video(_arch, "batch")
-    ZOO[f"{_arch}_gn"] = _video(_arch, "group")
-ZOO["unet3d"] = _unet("batch")
-ZOO["unet3d_gn"] = _unet("group")
-for _bb in ("resnet18", "resnet50", "cnn2d"):
-    ZOO[_bb if _bb == "cnn2d" else f"{_bb}_2d"] = _planar(_bb, "center")
-    ZOO[f"{_bb}_25d"] = _planar(_bb, "2.5d")
+def _specs() -> dict[str, ModelSpec]:
+    """Every zoo model with its builder and the smallest cube (z, y, x) for which a forward pass runs, found by trying
+    shapes (tests/test_models_zoo.py re-checks it and that one voxel less in each axis fails where it can). Padded
+    strided convs never shrink a map below one voxel, so the video ResNets and the 2D ResNets run on a single voxel;
+    that is a lower bound, not a useful size."""
+    specs: dict[str, ModelSpec] = {}
+    for arch in VIDEO_ARCHS:
+        specs[arch] = ModelSpec(_video(arch, "batch"), (1, 1, 1))
+        specs[f"{arch}_gn"] = ModelSpec(_video(arch, "group"), (1, 1, 1))
+    specs["unet3d"] = ModelSpec(_unet("batch"), (4, 8, 8))
+    specs["unet3d_gn"] = ModelSpec(_unet("group"), (4, 8, 8))
+    for backbone in ("resnet18", "resnet50", "cnn2d"):
+        specs[backbone if backbone == "cnn2d" else f"{backbone}_2d"] = ModelSpec(_planar(backbone, "center"), (1, 1, 1))
+        specs[f"{backbone}_25d"] = ModelSpec(_planar(backbone, "2.5d"), (3, 1, 1))
+    return specs
 
-# Smallest cube (z, y, x) for which a forward pass runs, found by trying shapes (tests/test_models_zoo.py re-checks
-# it and that one voxel less in each axis fails where it can). Padded strided convs never shrink a map below one
-# voxel, so the video ResNets and the 2D ResNets run on a single voxel; that is a lower bound, not a useful size.
-MIN_SHAPE: dict[str, tuple[int, int, int]] = {
-    **{name: (1, 1, 1) for name in ZOO if name.startswith(VIDEO_ARCHS)},
-    "unet3d": (4, 8, 8),
-    "unet3d_gn": (4, 8, 8),
-    "resnet18_2d": (1, 1, 1),
-    "resnet50_2d": (1, 1, 1),
-    "cnn2d": (1, 1, 1),
-    "resnet18_25d": (3, 1, 1),
-    "resnet50_25d": (3, 1, 1),
-    "cnn2d_25d": (3, 1, 1),
-}
+
+ZOO: dict[str, ModelSpec] = _specs()

@@ -13,17 +13,15 @@ imagery (S3/GCS) is usually network bound and slower, so pass a measured ``rate_
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from typing import Any
 
 import numpy as np
 
-from jobs.launch import task_groups
+from slurm.launch import task_groups
+from slurm.queue import max_array_size as cluster_max_array_size
 from synhpc.config import Config
-from synhpc.manifest import plan_manifest
-from synhpc.splits import SPLIT_NAMES
+from synhpc.manifest import plan_manifest, split_targets
+from synhpc.splits import SPLIT_NAMES, split_report
 
 # SLURM's MaxArraySize default: array indices 0..1000.
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -37,24 +35,11 @@ COMPRESSION_RATIO: dict[str, float] = {"none": 1.0, "lzf": 1.0, "gzip": 0.86, "z
 # the sparse layout reaches only ~200 cubes/s, so sparse selections take up to ~4x longer).
 CUBES_PER_S_PER_CORE = 800.0
 
+# Every cube is one HDF5 chunk with a Fletcher-32 checksum appended.
+CHUNK_CHECKSUM_BYTES = 4
+
 # Held-out splits with fewer neurons than this per class give very noisy estimates (the notebooks had 3).
 FEW_NEURONS = 10
-
-
-def cluster_max_array_size() -> int | None:
-    """``MaxArraySize`` from ``scontrol show config``; None when scontrol is missing, fails or omits it."""
-    scontrol = shutil.which("scontrol")
-    if scontrol is None:
-        return None
-    try:
-        # A login node answers at once; a dead controller would otherwise stall `synhpc plan` for many seconds.
-        out = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    match = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)", out.stdout, flags=re.MULTILINE)
-    return int(match.group(1)) if match else None
 
 
 def array_chunks(n_tasks: int, max_array_size: int) -> list[range]:
@@ -70,6 +55,16 @@ def array_chunks(n_tasks: int, max_array_size: int) -> list[range]:
     if n_tasks < 0:
         raise ValueError(f"n_tasks must be >= 0, got {n_tasks}")
     return [range(start, min(start + max_array_size, n_tasks)) for start in range(0, n_tasks, max_array_size)]
+
+
+def _parallelism(cfg: Config) -> tuple[int, int]:
+    """(tasks at once, cores per task): the profile's extract stage on SLURM, ``execution.workers`` locally."""
+    if cfg.execution.executor == "slurm":
+        from slurm.profile import load_profile
+
+        res = load_profile(cfg.execution.profile).extract
+        return res.array_parallelism, res.cpus_per_task
+    return cfg.execution.workers, 1
 
 
 def _n_tasks(cfg: Config, n_shards: int) -> int:
@@ -98,7 +93,7 @@ def make_plan(cfg: Config, *, max_array_size: int | None = None, rate_cubes_per_
 
     ``max_array_size``: this argument, else the cluster's ``MaxArraySize``, else SLURM's default 1001.
     ``rate_cubes_per_s``: total extraction rate; default ``CUBES_PER_S_PER_CORE`` times the cores the executor uses
-    at once (parallel tasks x ``execution.cpus_per_task``).
+    at once (parallel tasks x cores per task, from the cluster profile on SLURM).
 
     Usage: ``print(format_plan(make_plan(cfg)))``
     """
@@ -119,8 +114,8 @@ def make_plan(cfg: Config, *, max_array_size: int | None = None, rate_cubes_per_
     raw = n * cube_bytes
     ratio = COMPRESSION_RATIO[cfg.cubes.compression]
 
-    parallel = min(max(1, cfg.execution.max_parallel), max(1, n_tasks))
-    cores = parallel * max(1, cfg.execution.cpus_per_task)
+    parallel, cpus = _parallelism(cfg)
+    cores = min(parallel, max(1, n_tasks)) * cpus
     rate_source = "argument"
     if rate_cubes_per_s is None:
         rate_cubes_per_s = CUBES_PER_S_PER_CORE * cores
@@ -129,6 +124,7 @@ def make_plan(cfg: Config, *, max_array_size: int | None = None, rate_cubes_per_
         raise ValueError(f"rate_cubes_per_s must be positive, got {rate_cubes_per_s}")
 
     counts = _counts(manifest)
+    shares = split_report(manifest, manifest["split"].to_numpy(), split_targets(cfg)) if n else None
     warnings = []
     for name in SPLIT_NAMES[1:]:
         for cls in ("excitatory", "inhibitory"):
@@ -148,17 +144,18 @@ def make_plan(cfg: Config, *, max_array_size: int | None = None, rate_cubes_per_
         "max_array_size": int(max_array_size),
         "max_array_size_source": source,
         "arrays": [[r.start, r.stop] for r in arrays],
-        "array_specs": [f"0-{len(r) - 1}%{cfg.execution.max_parallel}" for r in arrays],
+        "array_specs": [f"0-{len(r) - 1}%{parallel}" for r in arrays],
         "compression": cfg.cubes.compression,
         "compression_ratio": ratio,
         "raw_bytes": int(raw),
-        "storage_bytes": int(round(raw * ratio)),
+        "storage_bytes": int(round(raw * ratio)) + CHUNK_CHECKSUM_BYTES * n,
         "rate_cubes_per_s": float(rate_cubes_per_s),
         "rate_source": rate_source,
         "seconds": n / rate_cubes_per_s,
         "volume": volume,
         "materialization_version": provenance.get("materialization_version"),
         "extraction_digest": provenance.get("extraction_digest"),
+        "split_shares": [] if shares is None else shares.to_dict(orient="records"),
         "warnings": warnings,
     }
 
@@ -191,6 +188,12 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"  {name:<6} {row['excitatory']:>10,} {row['excitatory_neurons']:>10,} {row['inhibitory']:>10,} "
             f"{row['inhibitory_neurons']:>10,} {row['total']:>10,}"
         )
+    if plan.get("split_shares"):
+        lines.append(f"  achieved shares (target): {'class':<10} {'split':<5} {'neurons':>8} {'synapses':>9}")
+        for row in plan["split_shares"]:
+            lines.append(
+                f"  {'':<25} {row['class']:<10} {row['split']:<5} {row['neuron_share']:>8.3f} {row['synapse_share']:>9.3f}  ({row['target']:.3f})"
+            )
     dropped = {k: v for k, v in plan["drops"].items() if v}
     if dropped:
         lines.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items()))

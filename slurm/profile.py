@@ -25,9 +25,10 @@ import yaml
 
 from synhpc.config import from_dict, parse_override, set_dotted
 from synhpc.errors import ConfigError
+from synhpc.rundir import JOB_STAGES, RunDir
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
-STAGES = ("extract", "index", "train", "evaluate", "gather")
+# Shipped inside the package (package data), so `--profile hyak` works from a non-editable install too.
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 # `<lab>`-style markers in the shipped hyak.yaml: a value that still holds one was never set by the user.
 _PLACEHOLDER = re.compile(r"<[A-Za-z_][A-Za-z0-9_-]*>")
 
@@ -86,10 +87,12 @@ class Profile:
     train: StageResources = field(default_factory=StageResources)
     evaluate: StageResources = field(default_factory=StageResources)
     gather: StageResources = field(default_factory=StageResources)
+    predict: StageResources = field(default_factory=StageResources)
+    roots: StageResources = field(default_factory=StageResources)
 
     def stage(self, name: str) -> StageResources:
-        if name not in STAGES:
-            raise ConfigError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+        if name not in JOB_STAGES:
+            raise ConfigError(f"unknown stage '{name}' (stages: {', '.join(JOB_STAGES)})")
         return getattr(self, name)
 
 
@@ -133,7 +136,7 @@ def load_profile(name: str = "local", overrides: list[str] | tuple[str, ...] = (
 
 
 def _validate(profile: Profile) -> None:
-    for stage in STAGES:
+    for stage in JOB_STAGES:
         res = profile.stage(stage)
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(res, key) < 1:
@@ -249,7 +252,7 @@ def executor_options(profile: Profile, stage: str) -> dict[str, Any]:
     """
     options: dict[str, Any] = {"slurm_max_num_timeout": profile.max_timeouts}
     if profile.container.image:
-        from jobs.container import container_python
+        from slurm.container import container_python
 
         # --nv only where the stage has GPUs: it warns (and on some nodes fails) without a driver.
         nv = profile.container.nv and profile.stage(stage).gpus_per_node > 0
@@ -261,4 +264,4 @@ def job_folder(profile: Profile, run_dir: Path, stage: str) -> Path:
     """Where submitit keeps a stage's pickles and logs: on shared storage, so compute nodes see it."""
     if profile.paths.jobs:
         return Path(os.path.expandvars(profile.paths.jobs)) / run_dir.name / stage
-    return run_dir / "jobs" / stage
+    return RunDir(run_dir).job_folder(stage)

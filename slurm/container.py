@@ -2,11 +2,11 @@
 
 Usage::
 
-    from jobs.container import container_python, lint_definition
+    from slurm.container import container_python, lint_definition
     executor.update_parameters(slurm_python=container_python("/gscratch/lab/containers/synhpc.sif", ["/gscratch"]))
     problems = lint_definition(Path("containers/synhpc.def"))
 
-From a shell: ``python -m jobs.container containers/synhpc.def`` prints the problems and exits 1 if there are any.
+From a shell: ``python -m slurm.container containers/synhpc.def`` prints the problems and exits 1 if there are any.
 """
 
 from __future__ import annotations
@@ -195,11 +195,11 @@ def lint_definition(path: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Lint definition files given on the command line; exit status 1 if any has problems.
 
-    Usage: ``python -m jobs.container containers/synhpc.def``
+    Usage: ``python -m slurm.container containers/synhpc.def``
     """
     paths = list(sys.argv[1:] if argv is None else argv)
     if not paths or paths[0] in ("-h", "--help"):
-        print("usage: python -m jobs.container DEFINITION [DEFINITION ...]", file=sys.stderr)
+        print("usage: python -m slurm.container DEFINITION [DEFINITION ...]", file=sys.stderr)
         return 0 if paths else 2
     status = 0
     for name in paths:
