@@ -97,6 +97,17 @@ class TablesConfig:
     min_size: int = 0
     drop_autapses: bool = True
     pre_root_ids: list[int] = field(default_factory=list)
+    # Header sidecars of headerless dumps (one `column_name,data_type` row per column). "" = `<name>_header.csv`
+    # beside the data file, used when it exists (the public minnie65 dumps ship one per table).
+    synapses_header: str = ""
+    cell_types_header: str = ""
+    # Postsynaptic target compartment per synapse (a synapse_target_predictions_ssa-like table); "" = none.
+    targets: str = ""
+    targets_header: str = ""
+    # Remote tables are downloaded here once (resumable); labelled synapse subsets are cached here as parquet.
+    cache_dir: str = "logs/cache/tables"
+    # Synapse tables smaller than this are scanned on every load instead of cached (cheaper than the cache file).
+    subset_cache_min_mb: float = 64.0
 
 
 @dataclass
