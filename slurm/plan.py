@@ -212,4 +212,86 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["array_chunks", "cluster_max_array_size", "format_plan", "make_plan", "COMPRESSION_RATIO", "CUBES_PER_S_PER_CORE"]
+
+
+
+# Parquet bytes per predicted synapse (CAVE columns + logit, probability, prediction; snappy), measured on a
+# 4,096-row part of MICrONS-like values. Random 64-bit ids barely compress, so this hardly depends on the data.
+PARQUET_BYTES_PER_SYNAPSE = 60.0
+
+# Synapses per second one prediction task scores on local chunks, 2-core CPU, small3d with 8 TTA views
+# (`synhpc bench predict -c configs/demo.yaml`); on a GPU and remote JPEG imagery pass the measured --rate.
+PREDICT_CUBES_PER_S = 150.0
+
+
+def make_prediction_plan(cfg: Config, *, synapses: int | None = None, rate_cubes_per_s: float | None = None,
+                         max_array_size: int | None = None) -> dict[str, Any]:
+    """What ``synhpc predict`` would do for ``cfg``: synapses, parts, SLURM arrays, storage and compute.
+
+    ``synapses``: plan for that many synapses without reading the tables (what-if, e.g. the whole minnie65 table).
+    ``rate_cubes_per_s``: synapses one task scores per second (``synhpc bench predict``); the task's resources come
+    from the profile's ``predict`` stage on SLURM.
+    """
+    source = "argument"
+    drops: dict[str, int] = {}
+    if synapses is None:
+        from synhpc.manifest import volume_info
+        from synhpc.predict import place_synapses
+        from synhpc.selection import select_synapses
+
+        frame, drops, _ = select_synapses(cfg.tables, cfg.predict)
+        synapses = len(place_synapses(cfg, frame, volume_info(cfg), drops))
+        source = "selection"
+    n = int(synapses)
+    parts = -(-n // cfg.predict.part_size)
+    limit = max_array_size or cluster_max_array_size() or SLURM_DEFAULT_MAX_ARRAY_SIZE
+    rate = float(rate_cubes_per_s or PREDICT_CUBES_PER_S)
+    if rate <= 0:
+        raise ValueError(f"rate_cubes_per_s must be positive, got {rate}")
+    slurm = cfg.execution.executor == "slurm"
+    if slurm:
+        from slurm.profile import load_profile
+
+        res = load_profile(cfg.execution.profile).predict
+        parallel, gpus = res.array_parallelism, res.gpus_per_node
+    else:
+        parallel, gpus = cfg.execution.workers, 0
+    task_hours = n / rate / 3600.0
+    z, y, x = cfg.cubes.shape_zyx
+    cube_bytes = n * z * y * x * COMPRESSION_RATIO[cfg.cubes.compression] if cfg.predict.keep_cubes else 0.0
+    return {
+        "synapses": n,
+        "synapses_source": source,
+        "drops": drops,
+        "part_size": cfg.predict.part_size,
+        "parts": parts,
+        "arrays": [[r.start, r.stop] for r in array_chunks(parts, limit)] if slurm else [],
+        "max_array_size": limit,
+        "rate_cubes_per_s": rate,
+        "rate_source": "argument" if rate_cubes_per_s else f"{PREDICT_CUBES_PER_S:g} synapses/s per task (CPU, local chunks)",
+        "task_hours": task_hours,
+        "gpu_hours": task_hours * gpus,
+        "parallel_tasks": parallel,
+        "wall_hours": task_hours / max(1, min(parallel, parts)),
+        "parquet_bytes": n * PARQUET_BYTES_PER_SYNAPSE,
+        "cube_bytes": cube_bytes,
+        "executor": cfg.execution.executor,
+    }
+
+
+def format_prediction_plan(plan: dict[str, Any]) -> str:
+    """A short human-readable report of :func:`make_prediction_plan`'s result."""
+    lines = [f"synapses: {plan['synapses']:,} ({plan['synapses_source']})"]
+    dropped = {k: v for k, v in plan["drops"].items() if v}
+    if dropped:
+        lines.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items()))
+    lines.append(f"parts: {plan['parts']:,} of <= {plan['part_size']:,} synapses (one task and one parquet file each)")
+    if plan["executor"] == "slurm":
+        lines.append(f"arrays: {len(plan['arrays'])} sbatch --array submission(s) of <= {plan['max_array_size']} tasks")
+    lines.append(f"storage: predictions {_size(plan['parquet_bytes'])}" + (f", kept cubes {_size(plan['cube_bytes'])}" if plan["cube_bytes"] else " (cubes not kept)"))
+    lines.append(
+        f"compute: {plan['task_hours']:,.1f} task-hours at {plan['rate_cubes_per_s']:,.0f} synapses/s per task ({plan['rate_source']})"
+        + (f", {plan['gpu_hours']:,.1f} GPU-hours" if plan["gpu_hours"] else "")
+    )
+    lines.append(f"wall time: ~{_duration(plan['wall_hours'] * 3600)} with {min(plan['parallel_tasks'], max(1, plan['parts']))} tasks at once")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from slurm.queue import job_states, stage_state
 from synhpc.errors import DataError
-from synhpc.rundir import STAGES, RunDir, TrainProgress, gathered_summary
+from synhpc.rundir import PREDICTION_STAGES, STAGES, RunDir, TrainProgress, gathered_summary
 
 # jobs.csv: one row per submitted job (an extraction array is one row; ``items`` lists its shards).
 JOBS_COLUMNS = ["submission", "stage", "job_id", "array_range", "items", "submitted_at", "dependency"]
@@ -88,6 +88,17 @@ def shard_counts(run: RunDir) -> tuple[int, int | None]:
     return done, total
 
 
+def prediction_lines(run: RunDir) -> list[str]:
+    """Parts on disk out of planned, and whether the per-root table is there."""
+    from synhpc.rundir import read_json
+
+    record = read_json(run.predict_provenance, "prediction record")
+    done = len(list(run.parts.glob("part-*.parquet"))) if run.parts.is_dir() else 0
+    lines = [f"prediction: {record['synapses']:,} synapses, parts {done}/{record['parts']} on disk (model {record['model']})"]
+    lines.append(f"roots: {run.roots}" if run.roots.is_file() else "roots: not yet")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ SLURM state
 
 
@@ -135,7 +146,8 @@ def status(run_dir: str | Path) -> str:
     latest = jobs[jobs["submission"].astype(int) == jobs["submission"].astype(int).max()] if len(jobs) else jobs
     states = job_states(list(latest["job_id"])) if len(latest) else {}
     lines.append("jobs (latest submission" + (f" #{int(latest['submission'].iloc[0])}, {latest['submitted_at'].iloc[0]}" if len(latest) else ": none") + "):")
-    for stage in STAGES:
+    predicting = run.predict_provenance.is_file()
+    for stage in PREDICTION_STAGES if predicting else STAGES:
         rows = latest[latest["stage"] == stage]
         for _, row in rows.iterrows():
             extra = f" array {row['array_range']}" if row["array_range"] else ""
@@ -144,6 +156,8 @@ def status(run_dir: str | Path) -> str:
         if rows.empty and len(latest):
             lines.append(f"  {stage:<9} -          not submitted (done or not needed)")
 
+    if predicting:
+        return "\n".join([*lines, *prediction_lines(run)])
     done, total = shard_counts(run)
     lines.append(f"shards: {done}/{total if total is not None else '?'} on disk, index {'written' if run.index.is_file() else 'missing'}")
     training = training_state(run)

@@ -163,6 +163,58 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
     return _write(run, previous, rows)
 
 
+def submit_prediction(cfg: Config, profile: Profile) -> pd.DataFrame:
+    """Submit a prediction run: an array of the parts not yet scored (split below MaxArraySize), then the per-root
+    table after all of them; finished parts and an up-to-date roots.csv are skipped.
+
+    Usage: ``submit_prediction(cfg, load_profile("hyak", ["account=mylab"]))`` with ``cfg.predict.model`` set.
+    """
+    from jobs.predict import predict_job, roots_job
+    from synhpc.predict import missing_parts, plan_prediction
+    from synhpc.rundir import read_json
+
+    check_submittable(profile)
+    cfg = cluster_config(cfg, profile)
+    run = RunDir(cfg.run_dir)
+    _clear_previous(run)
+    plan = plan_prediction(cfg)  # on the login node: the selection, the plan and config.yaml every task reads
+    missing = missing_parts(run, plan, read_json(run.predict_provenance, "prediction record")["digest"])
+    previous = read_jobs(run)
+    submission = int(previous["submission"].astype(int).max()) + 1 if len(previous) else 1
+    rows: list[dict[str, Any]] = []
+
+    def record(stage: str, job_id: str, dependency: str, array_range: str = "", items: str = "") -> None:
+        rows.append({
+            "submission": submission, "stage": stage, "job_id": job_id, "array_range": array_range, "items": items,
+            "submitted_at": dt.datetime.now().isoformat(timespec="seconds"), "dependency": dependency,
+        })  # fmt: skip
+
+    try:
+        upstream: list[str] = []
+        folder = job_folder(profile, run.path, "predict")
+        for ids in array_chunks(len(missing), cluster_max_array_size()) if missing else []:
+            part = missing[ids.start : ids.stop]
+            try:
+                jobs = stage_executor(profile, "predict", folder).map_array(predict_job, [str(run.path)] * len(part), [[p] for p in part])
+            except Exception as exc:
+                raise SubmitError(f"sbatch refused the prediction array: {str(exc).strip().splitlines()[-1]}") from None
+            array_id = JobId.parse(jobs[0].job_id).base
+            record("predict", array_id, "", f"0-{len(part) - 1}", " ".join(map(str, part)))
+            upstream.append(array_id)
+        stale = not run.roots.is_file() or any(run.part(p).stat().st_mtime > run.roots.stat().st_mtime for p in set(plan["part"]) if run.part(p).is_file())
+        if upstream or stale:
+            executor = stage_executor(profile, "roots", job_folder(profile, run.path, "roots"), afterok(upstream))
+            try:
+                job = executor.submit(roots_job, str(run.path))
+            except Exception as exc:
+                raise SubmitError(f"sbatch refused the roots job: {str(exc).strip().splitlines()[-1]}") from None
+            record("roots", job.job_id, afterok(upstream))
+    except BaseException:
+        _write(run, previous, rows)
+        raise
+    return _write(run, previous, rows)
+
+
 def _write(run: RunDir, previous: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Append this submission to jobs.csv (atomically) and return its rows."""
     new = pd.DataFrame(rows, columns=JOBS_COLUMNS)
@@ -192,8 +244,8 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
     return config, profile
 
 
-def submit_command(config: str | None, profile: str, overrides: list[str] | tuple[str, ...], until: str = "gather") -> str:
-    """What ``synhpc submit -c CONFIG --profile NAME [overrides]`` does and prints.
+def submit_command(config: str | None, profile: str, overrides: list[str] | tuple[str, ...], until: str = "gather", predict: str | None = None) -> str:
+    """What ``synhpc submit -c CONFIG --profile NAME [--predict MODEL] [overrides]`` does and prints.
 
     Usage: ``print(submit_command("configs/microns.yaml", "hyak", ["profile.account=mylab"]))``
     """
@@ -202,13 +254,18 @@ def submit_command(config: str | None, profile: str, overrides: list[str] | tupl
     config_overrides, profile_overrides = split_overrides(overrides)
     cfg = load_config(config, config_overrides)
     prof = load_profile(profile, profile_overrides)
-    jobs = submit_pipeline(cfg, prof, until=until)
+    if predict is not None:
+        cfg.predict.model = predict
+        jobs = submit_prediction(cfg, prof)
+    else:
+        jobs = submit_pipeline(cfg, prof, until=until)
     run_dir = cluster_config(cfg, prof).run_dir
     if jobs.empty:
         return f"submit: nothing to do, every stage of {run_dir} is done\nstatus: synhpc status {run_dir}"
     lines = [f"submit: {run_dir} (profile {prof.name})"]
     for _, row in jobs.iterrows():
-        what = f" array {row['array_range']} (shards {_short(row['items'])})" if row["array_range"] else ""
+        unit = "parts" if row["stage"] == "predict" else "shards"
+        what = f" array {row['array_range']} ({unit} {_short(row['items'])})" if row["array_range"] else ""
         dep = f" after {row['dependency']}" if row["dependency"] else ""
         lines.append(f"  {row['stage']:<9} job {row['job_id']}{what}{dep}")
     lines.append(f"status: synhpc status {run_dir}")

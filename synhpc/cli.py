@@ -23,9 +23,10 @@ STAGES: dict[str, str] = {
     "train": "train the configured model; resumes from the newest checkpoint",
     "evaluate": "choose the threshold on validation, apply it to test, write summary.csv and plots",
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
-    "demo": "world -> extract -> train -> evaluate -> gather on the configured (synthetic) data",
-    "plan": "counts per split and class, shards, SLURM arrays, storage and time for an extraction",
-    "bench": "benchmarks (CSV + JSON under <run>/bench): extract, train, tables, metrics",
+    "demo": "world -> extract -> train -> evaluate -> predict the orphan axons -> gather, on the synthetic world",
+    "predict": "label the synapses a selection names (unlabelled axons too) with a trained model; per-root calls",
+    "plan": "counts, shards, SLURM arrays, storage and time for an extraction (or, with --predict, a prediction run)",
+    "bench": "benchmarks (CSV + JSON under <run>/bench): extract, train, tables, metrics, predict",
     "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
     "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
 }
@@ -115,10 +116,30 @@ def stage_gather(cfg: Config) -> None:
     print(f"gather: {len(table)} rows -> {gathered_summary(cfg.run.root)}")
 
 
-def stage_plan(cfg: Config) -> None:
+def stage_predict(cfg: Config) -> None:
+    from slurm.launch import run_prediction
+    from synhpc.predict import prediction_summary
+    from synhpc.rundir import RunDir
+
+    result = run_prediction(cfg)
+    summary = prediction_summary(RunDir(cfg.run_dir))
+    rate = result["synapses"] / result["seconds"] if result["seconds"] > 0 else float("nan")
+    print(
+        f"predict: {result['synapses']} synapses in {result['parts']} parts ({result['submitted']} scored now), {rate:.0f} synapses/s; "
+        f"{summary['roots']} roots: {summary['excitatory']} excitatory, {summary['inhibitory']} inhibitory, {summary['undetermined']} undetermined"
+    )
+    print(f"predict: {RunDir(cfg.run_dir).parts}/part-*.parquet and {RunDir(cfg.run_dir).roots}")
+
+
+def stage_plan(cfg: Config, *, predict: bool = False, synapses: int | None = None, rate: float | None = None) -> None:
+    if predict:
+        from slurm.plan import format_prediction_plan, make_prediction_plan
+
+        print(format_prediction_plan(make_prediction_plan(cfg, synapses=synapses, rate_cubes_per_s=rate)))
+        return
     from slurm.plan import format_plan, make_plan
 
-    print(format_plan(make_plan(cfg)))
+    print(format_plan(make_plan(cfg, rate_cubes_per_s=rate)))
 
 
 def _bench(kind: str, run: Callable[[Config, object], object]) -> Callable[[Config], None]:
@@ -145,12 +166,63 @@ def _bench_train(cfg: Config, out) -> object:
     return bench_train(cfg, out)
 
 
-BENCHES: dict[str, Callable[[Config], None]] = {"extract": _bench("extract", _bench_extract), "train": _bench("train", _bench_train)}
+def _bench_tables(cfg: Config, out) -> object:
+    from synhpc.bench_tables import bench_tables
+
+    return bench_tables(cfg, out)
+
+
+def _bench_metrics(cfg: Config, out) -> object:
+    from synhpc.bench_metrics import bench_metrics
+
+    return bench_metrics(out)
+
+
+def _bench_predict(cfg: Config, out) -> object:
+    from synhpc.bench_predict import bench_predict
+
+    return bench_predict(cfg, out)
+
+
+BENCHES: dict[str, Callable[[Config], None]] = {
+    "extract": _bench("extract", _bench_extract),
+    "train": _bench("train", _bench_train),
+    "tables": _bench("tables", _bench_tables),
+    "metrics": _bench("metrics", _bench_metrics),
+    "predict": _bench("predict", _bench_predict),
+}
+
+
+def stage_orphans(cfg: Config) -> None:
+    """The demo's last step: the trained model labels the world's orphan axons (no cell type), scored per root
+    against the world's truth file."""
+    import copy
+
+    from synhpc.atomic import write_csv
+    from synhpc.truth import read_truth, score_roots
+
+    truth = read_truth(cfg.world.path)
+    orphans = truth.loc[~truth["in_cell_type_table"].astype(bool), "pre_root_id"].astype("int64").tolist()
+    if not orphans:
+        print("orphans: the world has none")
+        return
+    run = copy.deepcopy(cfg)
+    run.run.name = f"{cfg.run.name}-orphans"
+    run.predict.pre_root_ids, run.predict.labelled, run.predict.model = orphans, "unlabelled", str(cfg.run_dir)
+    stage_predict(run)
+    import pandas as pd
+
+    from synhpc.rundir import RunDir
+
+    report = score_roots(pd.read_csv(RunDir(run.run_dir).roots), truth)
+    write_csv(report, RunDir(run.run_dir).path / "orphan_accuracy.csv")
+    print(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"orphans: per-root accuracy against the world's truth -> {RunDir(run.run_dir).path / 'orphan_accuracy.csv'}")
 
 
 def stage_demo(cfg: Config) -> None:
     start = time.perf_counter()
-    for stage in (stage_world, stage_extract, stage_train, stage_evaluate, stage_gather):
+    for stage in (stage_world, stage_extract, stage_train, stage_evaluate, stage_orphans, stage_gather):
         stage(cfg)
     print(f"demo: finished in {time.perf_counter() - start:.0f} s; outputs in {cfg.run_dir}")
 
@@ -163,7 +235,7 @@ HANDLERS: dict[str, Callable[[Config], None]] = {
     "evaluate": stage_evaluate,
     "gather": stage_gather,
     "demo": stage_demo,
-    "plan": stage_plan,
+    "predict": stage_predict,
 }
 
 
@@ -190,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 
             p.add_argument("--profile", default="local", help="cluster profile: slurm/profiles/NAME.yaml or a path [local]")
             p.add_argument("--until", default="gather", choices=list(PIPELINE), help="last stage to submit [gather]")
+            p.add_argument("--predict", metavar="MODEL", default=None, help="submit a prediction run with MODEL (a trained run folder or its model.json) instead of training")
+        if name == "predict":
+            p.add_argument("--model", required=True, metavar="DIR_OR_CARD", help="a trained run folder, its model.json or its best.pt")
+        if name == "plan":
+            p.add_argument("--predict", action="store_true", help="plan a prediction run (the predict section's selection)")
+            p.add_argument("--synapses", type=int, default=None, metavar="N", help="plan for N synapses instead of reading the tables (what-if)")
+            p.add_argument("--rate", type=float, default=None, metavar="CUBES_PER_S", help="measured cubes/s per task (synhpc bench extract|predict)")
         _add_config_arguments(p)
     return parser
 
@@ -218,9 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage == "submit":
             from slurm.submit import submit_command
 
-            print(submit_command(args.config, args.profile, args.overrides, args.until))
+            print(submit_command(args.config, args.profile, args.overrides, args.until, predict=args.predict))
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.stage == "predict":
+            cfg.predict.model = args.model
+        if args.stage == "plan":
+            stage_plan(cfg, predict=args.predict, synapses=args.synapses, rate=args.rate)
+            return 0
         handler = BENCHES[args.kind] if args.stage == "bench" else HANDLERS[args.stage]
         handler(cfg)
     except SynhpcError as exc:

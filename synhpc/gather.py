@@ -73,7 +73,7 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
         run = RunDir(folder)
         if run.summary.is_file():
             frames.append(read_summary(run.summary))
-        elif run.config.is_file():
+        elif run.config.is_file() and not run.predict_provenance.is_file():  # prediction runs have no summary
             skipped.append(run.name)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_COLUMNS)
     if frames:

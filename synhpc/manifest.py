@@ -34,7 +34,7 @@ from synhpc.splits import (
     spatial_conflicts,
     split_report,
 )
-from synhpc.tables import load_labelled_synapses
+from synhpc.tables import load_labelled_synapses, load_targets
 
 # Sections of the config that decide the cubes; a stage given a config that differs here from the run's refuses it.
 EXTRACTION_SECTIONS = ("tables", "imagery", "cubes", "split")
@@ -77,6 +77,11 @@ def volume_info(cfg: Config) -> dict[str, Any]:
 def plan_manifest(cfg: Config) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any], dict[str, Any]]:
     """Labelled synapses -> split, voxel centre, shard and row for each."""
     frame, drops, provenance = load_labelled_synapses(cfg.tables)
+    if cfg.tables.targets:
+        # The postsynaptic compartment (spine, shaft, soma) per synapse, for the target baseline; missing stays empty.
+        targets = load_targets(cfg.tables, synapse_ids=frame["synapse_id"])
+        frame = frame.merge(targets, on="synapse_id", how="left")
+        provenance["targets"] = {"table": cfg.tables.targets, "synapses_without_target": int(frame["target"].isna().sum())}
     volume = volume_info(cfg)
     centers = to_voxels(frame[["x", "y", "z"]].to_numpy(), cfg.tables.position_resolution_nm, volume["resolution_nm"])
     lo, hi = np.asarray(volume["lo"]), np.asarray(volume["hi"])
