@@ -257,6 +257,11 @@ def submit_command(config: str | None, profile: str, overrides: list[str] | tupl
     if predict is not None:
         cfg.predict.model = predict
         jobs = submit_prediction(cfg, prof)
+    elif cfg.split.folds:
+        from synhpc.folds import fold_configs
+
+        # k-fold cross-validation: every fold is its own run and pipeline; each ends in a gather of run.root.
+        jobs = pd.concat([submit_pipeline(fold, prof, until=until).assign(run=fold.run.name) for fold in fold_configs(cfg)], ignore_index=True)
     else:
         jobs = submit_pipeline(cfg, prof, until=until)
     run_dir = cluster_config(cfg, prof).run_dir
@@ -267,7 +272,8 @@ def submit_command(config: str | None, profile: str, overrides: list[str] | tupl
         unit = "parts" if row["stage"] == "predict" else "shards"
         what = f" array {row['array_range']} ({unit} {_short(row['items'])})" if row["array_range"] else ""
         dep = f" after {row['dependency']}" if row["dependency"] else ""
-        lines.append(f"  {row['stage']:<9} job {row['job_id']}{what}{dep}")
+        where = f"{row['run']}: " if "run" in row else ""
+        lines.append(f"  {where}{row['stage']:<9} job {row['job_id']}{what}{dep}")
     lines.append(f"status: synhpc status {run_dir}")
     return "\n".join(lines)
 

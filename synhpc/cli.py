@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "train": "train the configured model; resumes from the newest checkpoint",
     "evaluate": "choose the threshold on validation, apply it to test, write summary.csv and plots",
     "gather": "collect every run's summary.csv into <run.root>/summary.csv",
+    "cv": "k-fold cross-validation by neuron (split.folds=k): extract, train and evaluate every fold, then their spread",
     "demo": "world -> extract -> train -> evaluate -> predict the orphan axons -> gather, on the synthetic world",
     "predict": "label the synapses a selection names (unlabelled axons too) with a trained model; per-root calls",
     "plan": "counts, shards, SLURM arrays, storage and time for an extraction (or, with --predict, a prediction run)",
@@ -220,6 +221,26 @@ def stage_orphans(cfg: Config) -> None:
     print(f"orphans: per-root accuracy against the world's truth -> {RunDir(run.run_dir).path / 'orphan_accuracy.csv'}")
 
 
+def stage_cv(cfg: Config) -> None:
+    from pathlib import Path
+
+    from synhpc.folds import fold_configs
+    from synhpc.gather import cv_gathered, gather
+
+    for fold_cfg in fold_configs(cfg):
+        print(f"cv: fold {fold_cfg.split.fold} of {cfg.split.folds} -> {fold_cfg.run_dir}")
+        for stage in (stage_extract, stage_train, stage_evaluate):
+            stage(fold_cfg)
+    gather(Path(cfg.run.root))
+    import pandas as pd
+
+    cv = pd.read_csv(cv_gathered(cfg.run.root))
+    mine = cv[(cv["cv"] == cfg.run.name) & (cv["split"] == "test")]
+    columns = ["model", "level", "folds", "balanced_accuracy_mean", "balanced_accuracy_sd", "balanced_accuracy_min", "balanced_accuracy_max", "roc_auc_mean", "roc_auc_sd"]
+    print(mine[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"cv: {cfg.split.folds} folds -> {cv_gathered(cfg.run.root)}")
+
+
 def stage_demo(cfg: Config) -> None:
     start = time.perf_counter()
     for stage in (stage_world, stage_extract, stage_train, stage_evaluate, stage_orphans, stage_gather):
@@ -235,6 +256,7 @@ HANDLERS: dict[str, Callable[[Config], None]] = {
     "evaluate": stage_evaluate,
     "gather": stage_gather,
     "demo": stage_demo,
+    "cv": stage_cv,
     "predict": stage_predict,
 }
 

@@ -67,7 +67,8 @@ def read_summary(path: Path) -> pd.DataFrame:
 
 
 def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Concatenate ``<root>/*/summary.csv``; runs without one are listed as skipped."""
+    """Concatenate ``<root>/*/summary.csv``; runs without one are listed as skipped. Fold runs of a
+    cross-validation (``<name>-fold<f>``) are also summarised over their folds in ``<root>/summary_cv.csv``."""
     frames, skipped = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         run = RunDir(folder)
@@ -78,7 +79,17 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_COLUMNS)
     if frames:
         write_csv(table, gathered_summary(root))
+        from synhpc.folds import cv_summary
+
+        cv = cv_summary(table)
+        if not cv.empty:
+            write_csv(cv, cv_gathered(root))
     return table, skipped
+
+
+def cv_gathered(root: str | Path) -> Path:
+    """``<run.root>/summary_cv.csv``: every cross-validation's spread over its folds."""
+    return Path(root) / "summary_cv.csv"
 
 
 def format_table(table: pd.DataFrame) -> str:
