@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/synhpc demo -c $(CONFIG)
 
 test: install-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

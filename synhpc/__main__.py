@@ -1,4 +1,5 @@
-from synhpc.cli import main
 import sys
+
+from synhpc.cli import main
 
 sys.exit(main())

@@ -31,7 +31,7 @@ def write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(frame: "pd.DataFrame", path: Path, **to_csv: object) -> None:
+def write_csv(frame: pd.DataFrame, path: Path, **to_csv: object) -> None:
     """``frame.to_csv(path, index=False, **to_csv)``, atomically."""
     path = Path(path)
     tmp = _tmp(path)

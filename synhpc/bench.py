@@ -237,21 +237,21 @@ def _limit_cut(chunks: dict, lo: np.ndarray, hi: np.ndarray, chunk: np.ndarray, 
     """Cut cubes (Z, Y, X) out of in-memory X, Y, Z chunks; the cheapest copy loop we know in numpy."""
     out = np.empty((len(lo), *cube_zyx), dtype=np.uint8)
     for n in range(len(lo)):
-        l, h = lo[n], hi[n]
-        f, g = l // chunk, (h - 1) // chunk
+        a, b = lo[n], hi[n]
+        f, g = a // chunk, (b - 1) // chunk
         view = out[n]
         for cx in range(f[0], g[0] + 1):
-            x0 = max(l[0], cx * chunk[0])
-            x1 = min(h[0], (cx + 1) * chunk[0])
+            x0 = max(a[0], cx * chunk[0])
+            x1 = min(b[0], (cx + 1) * chunk[0])
             for cy in range(f[1], g[1] + 1):
-                y0 = max(l[1], cy * chunk[1])
-                y1 = min(h[1], (cy + 1) * chunk[1])
+                y0 = max(a[1], cy * chunk[1])
+                y1 = min(b[1], (cy + 1) * chunk[1])
                 for cz in range(f[2], g[2] + 1):
-                    z0 = max(l[2], cz * chunk[2])
-                    z1 = min(h[2], (cz + 1) * chunk[2])
+                    z0 = max(a[2], cz * chunk[2])
+                    z1 = min(b[2], (cz + 1) * chunk[2])
                     c0 = (cx * chunk[0], cy * chunk[1], cz * chunk[2])
                     src = chunks[(cx, cy, cz)][x0 - c0[0] : x1 - c0[0], y0 - c0[1] : y1 - c0[1], z0 - c0[2] : z1 - c0[2]]
-                    view[z0 - l[2] : z1 - l[2], y0 - l[1] : y1 - l[1], x0 - l[0] : x1 - l[0]] = src.T
+                    view[z0 - a[2] : z1 - a[2], y0 - a[1] : y1 - a[1], x0 - a[0] : x1 - a[0]] = src.T
     return out
 
 
@@ -405,7 +405,7 @@ def machine_info() -> dict[str, Any]:
         "cloud_volume": cloudvolume.__version__,
         "h5py": h5py.__version__,
         "numpy": np.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 

@@ -31,6 +31,22 @@ from synhpc.metrics import binary_metrics, choose_threshold, sigmoid
 COUNT_METRICS = ("accuracy", "balanced_accuracy", "mcc")
 
 
+def _measure(frame: pd.DataFrame, n: int, n_boot: int, seed: int) -> dict[str, Any]:
+    """Seconds of each statistic on one synthetic validation set of ``n`` synapses."""
+    labels, probs, logits = frame["label"].to_numpy(), frame["probability"].to_numpy(), frame["logit"].to_numpy()
+    row: dict[str, Any] = {"size": n, "n_neurons": int(frame["pre_root_id"].nunique()), "n_boot": n_boot}
+    row["choose_threshold_s"], (tau, sweep) = _seconds(lambda: choose_threshold(labels, probs, "balanced_accuracy"))
+    row["candidates"] = len(sweep)
+    row["binary_metrics_s"], metrics = _seconds(lambda: binary_metrics(labels, probs, tau))
+    row["ci_counts_s"], _ = _seconds(lambda: [neuron_bootstrap_ci(frame, synapse_metric(m, tau), n_boot=n_boot, seed=seed) for m in COUNT_METRICS])
+    row["ci_roc_auc_s"], (lo, hi) = _seconds(lambda: neuron_bootstrap_ci(frame, synapse_metric("roc_auc", tau), n_boot=n_boot, seed=seed))
+    row["ci_neuron_s"], _ = _seconds(lambda: [neuron_bootstrap_ci(frame, neuron_metric(m, tau), n_boot=n_boot, seed=seed) for m in (*COUNT_METRICS, "roc_auc")])
+    row["fit_temperature_s"], temperature = _seconds(lambda: fit_temperature(logits, labels))
+    row["ece_s"], (ece, _) = _seconds(lambda: expected_calibration_error(labels, sigmoid(apply_temperature(logits, temperature))))
+    row |= {"tau": tau, "balanced_accuracy": metrics["balanced_accuracy"], "roc_auc": metrics["roc_auc"], "roc_auc_lo": lo, "roc_auc_hi": hi}
+    return row | {"temperature": temperature, "ece_after": ece}
+
+
 def synthetic_split(n: int, *, seed: int = 0, synapses_per_neuron: int = 100) -> pd.DataFrame:
     """A held-out-like prediction frame: pre_root_id, label, logit, probability (see the module docstring).
 
@@ -66,22 +82,7 @@ def bench_metrics(out_dir: Path, *, sizes: Sequence[int] = (20_000, 200_000, 1_0
     """
     from synhpc.bench import machine_info
 
-    rows = []
-    for n in sizes:
-        frame = synthetic_split(int(n), seed=seed)
-        labels, probs, logits = frame["label"].to_numpy(), frame["probability"].to_numpy(), frame["logit"].to_numpy()
-        row: dict[str, Any] = {"size": int(n), "n_neurons": int(frame["pre_root_id"].nunique()), "n_boot": n_boot}
-        row["choose_threshold_s"], (tau, sweep) = _seconds(lambda: choose_threshold(labels, probs, "balanced_accuracy"))
-        row["candidates"] = len(sweep)
-        row["binary_metrics_s"], metrics = _seconds(lambda: binary_metrics(labels, probs, tau))
-        row["ci_counts_s"], _ = _seconds(lambda: [neuron_bootstrap_ci(frame, synapse_metric(m, tau), n_boot=n_boot, seed=seed) for m in COUNT_METRICS])
-        row["ci_roc_auc_s"], (lo, hi) = _seconds(lambda: neuron_bootstrap_ci(frame, synapse_metric("roc_auc", tau), n_boot=n_boot, seed=seed))
-        row["ci_neuron_s"], _ = _seconds(lambda: [neuron_bootstrap_ci(frame, neuron_metric(m, tau), n_boot=n_boot, seed=seed) for m in (*COUNT_METRICS, "roc_auc")])
-        row["fit_temperature_s"], temperature = _seconds(lambda: fit_temperature(logits, labels))
-        row["ece_s"], (ece, _) = _seconds(lambda: expected_calibration_error(labels, sigmoid(apply_temperature(logits, temperature))))
-        row |= {"tau": tau, "balanced_accuracy": metrics["balanced_accuracy"], "roc_auc": metrics["roc_auc"], "roc_auc_lo": lo, "roc_auc_hi": hi}
-        row |= {"temperature": temperature, "ece_after": ece}
-        rows.append(row)
+    rows = [_measure(synthetic_split(int(n), seed=seed), int(n), n_boot, seed) for n in sizes]
     frame = pd.DataFrame(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

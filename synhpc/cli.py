@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from synhpc.config import Config, load_config, save_config
+from synhpc.config import Config, load_config
 from synhpc.errors import SynhpcError
 
 STAGES: dict[str, str] = {
@@ -85,7 +85,10 @@ def stage_train(cfg: Config) -> None:
         raise DataError(f"{run.path}: no extracted cubes; run `synhpc extract` with this config first")
     check_same_extraction(cfg, run)  # the shards decide cube shape, mip and data: a contradicting config is refused
     result = train(cfg)
-    print(f"train: {result['steps']} steps, best epoch {result['best_epoch']} (val balanced accuracy {result['best_val_balanced_accuracy']:.3f}), skipped steps {result['skipped_steps']}")
+    print(
+        f"train: {result['steps']} steps, best epoch {result['best_epoch']} "
+        f"(val balanced accuracy {result['best_val_balanced_accuracy']:.3f}), skipped steps {result['skipped_steps']}"
+    )
 
 
 def stage_evaluate(cfg: Config) -> None:

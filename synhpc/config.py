@@ -463,7 +463,10 @@ def _validate(cfg: Config) -> None:
     pc = cfg.predict
     need(pc.part_size >= 1 and pc.block_size >= 1 and pc.read_ahead >= 0, "predict.part_size and predict.block_size must be >= 1, predict.read_ahead >= 0")
     need(0.5 < pc.confidence < 1.0, "predict.confidence must lie in (0.5, 1)")
-    need(not pc.bbox or (len(pc.bbox) == 6 and all(a < b for a, b in zip(pc.bbox[:3], pc.bbox[3:]))), "predict.bbox must be [x0, y0, z0, x1, y1, z1] with x0 < x1, y0 < y1, z0 < z1")
+    need(
+        not pc.bbox or (len(pc.bbox) == 6 and all(a < b for a, b in zip(pc.bbox[:3], pc.bbox[3:]))),
+        "predict.bbox must be [x0, y0, z0, x1, y1, z1] with x0 < x1, y0 < y1, z0 < z1",
+    )
     need(cfg.split.max_per_neuron >= 0 and cfg.split.spatial_block_um >= 0, "split.max_per_neuron and split.spatial_block_um must be >= 0")
     need(0.0 < cfg.split.tolerance < 1.0, "split.tolerance must lie in (0, 1)")
     need(cfg.split.folds == 0 or cfg.split.folds >= 3, "split.folds must be 0 (one split by split.fractions) or >= 3")
@@ -472,7 +475,10 @@ def _validate(cfg: Config) -> None:
     aug = cfg.augment
     for name in ("elastic_p", "misalign_p", "missing_p", "intensity_p", "noise_p"):
         need(0.0 <= getattr(aug, name) <= 1.0, f"augment.{name} must lie in [0, 1]")
-    need(aug.mix_alpha > 0 and aug.elastic_spacing >= 1 and aug.misalign_max_shift >= 0, "augment.mix_alpha must be > 0, augment.elastic_spacing >= 1, augment.misalign_max_shift >= 0")
+    need(
+        aug.mix_alpha > 0 and aug.elastic_spacing >= 1 and aug.misalign_max_shift >= 0,
+        "augment.mix_alpha must be > 0, augment.elastic_spacing >= 1, augment.misalign_max_shift >= 0",
+    )
     _check_run_name(cfg.run.name)
 
 

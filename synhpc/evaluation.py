@@ -99,7 +99,8 @@ def score(pred: pd.DataFrame, *, run: str, model: str, metric: str, n_boot: int,
     for level, frame, metric_for in (("synapse", pred, synapse_metric), ("neuron", neuron_level(pred), neuron_metric)):
         for split in ("val", "test"):
             part = frame[frame["split"] == split]
-            row: dict[str, Any] = {"run": run, "model": model, "level": level, "split": split, **binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), tau), "tau": tau}
+            metrics = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), tau)
+            row: dict[str, Any] = {"run": run, "model": model, "level": level, "split": split, **metrics, "tau": tau}
             # Neuron-level CIs resample neurons too, so they need the synapse rows behind each neuron.
             source = pred[pred["split"] == split]
             for name in CI_METRICS:
@@ -196,5 +197,6 @@ def _record_decision(run: RunDir, card: dict[str, Any], summary: pd.DataFrame, p
         # is combined relative to it).
         "prior_excitatory": float(val["label"].mean()),
     }
-    card["validation"] = {k: float(row[k]) for k in ("balanced_accuracy", "roc_auc", "pr_auc", "mcc", "accuracy", "ece_before", "ece_after", "brier_before", "brier_after")} | {"n": int(row["n"])}
+    kept = ("balanced_accuracy", "roc_auc", "pr_auc", "mcc", "accuracy", "ece_before", "ece_after", "brier_before", "brier_after")
+    card["validation"] = {k: float(row[k]) for k in kept} | {"n": int(row["n"])}
     write_card(run, card)

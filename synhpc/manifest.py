@@ -11,7 +11,6 @@ Usage::
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np

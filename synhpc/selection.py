@@ -97,7 +97,7 @@ def select_synapses(tables: TablesConfig, predict: PredictConfig) -> tuple[pd.Da
         size = col[SIZE].to_numpy() if SIZE in col else np.zeros(len(ids))
         keep = np.ones(len(ids), dtype=bool)
 
-        def drop(reason: str, mask: np.ndarray) -> None:
+        def drop(reason: str, mask: np.ndarray, keep: np.ndarray = keep) -> None:
             drops[reason] = drops.get(reason, 0) + int(np.count_nonzero(mask & keep))
             np.logical_and(keep, ~mask, out=keep)
 
@@ -145,7 +145,10 @@ def select_synapses(tables: TablesConfig, predict: PredictConfig) -> tuple[pd.Da
     if dup.any():
         raise DataError(f"{dump.location}: duplicate synapse id {int(frame['synapse_id'][dup].iloc[0])}")
     if frame.empty:
-        raise DataError(f"{dump.location}: the prediction selection is empty (drops: {drops}); check predict.pre_root_ids, predict.synapse_ids_file, predict.bbox and predict.labelled")
+        raise DataError(
+            f"{dump.location}: the prediction selection is empty (drops: {drops}); "
+            "check predict.pre_root_ids, predict.synapse_ids_file, predict.bbox and predict.labelled"
+        )
     provenance = {"synapses": dump.provenance(), "cell_types": cell_dump.provenance(), "position": tables.position,
                   "materialization_version": tables.materialization_version}  # fmt: skip
     return frame, drops, provenance

@@ -89,7 +89,7 @@ class DumpServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "DumpServer":
+    def __enter__(self) -> DumpServer:
         self.thread.start()
         return self
 

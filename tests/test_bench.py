@@ -28,7 +28,7 @@ def test_tiny_bench_writes_tables(tmp_path):
     assert set(extract["method"]) == {"naive", "synhpc", "limit"}
     assert extract["identical"].all()
     assert (extract["n_cubes"] == 10).all() and (extract["cubes_per_s"] > 0).all()
-    for layout, rows in extract.groupby("layout"):
+    for _, rows in extract.groupby("layout"):
         rows = rows.set_index("method")
         assert rows.loc["limit", "chunk_reads"] == rows.loc["limit", "chunks"] <= rows.loc["synhpc", "chunk_reads"] <= rows.loc["naive", "chunk_reads"]
         assert rows.loc["limit", "seconds"] == pytest.approx(rows.loc["limit", "read_s"] + rows.loc["limit", "cut_s"])

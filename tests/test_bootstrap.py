@@ -33,7 +33,7 @@ def test_vectorised_path_equals_generic_resampling_exactly(name, stratify):
     for frame in (_noisy(20, per=7), _noisy(4, per=5, seed=2), _noisy(12, per=6, seed=3).assign(probability=lambda f: f["probability"].round(1))):
         for fn in (synapse_metric(name, 0.45), neuron_metric(name, 0.45)):
             fast = bootstrap_distribution(frame, fn, n_boot=12, seed=3, stratify=stratify)
-            slow = bootstrap_distribution(frame, lambda f: fn(f), n_boot=12, seed=3, stratify=stratify)  # DataFrame path
+            slow = bootstrap_distribution(frame, lambda f, fn=fn: fn(f), n_boot=12, seed=3, stratify=stratify)  # DataFrame path
             np.testing.assert_array_equal(fast, slow)
 
 

@@ -21,7 +21,7 @@ from cave_server import CaveServer  # noqa: E402
 
 from synhpc.config import TablesConfig  # noqa: E402
 from synhpc.errors import ConfigError, DataError  # noqa: E402
-from synhpc.sources.cave import SYNAPSE_COLUMNS, SUPERVOXEL_COLUMNS, fetch_tables  # noqa: E402
+from synhpc.sources.cave import SUPERVOXEL_COLUMNS, SYNAPSE_COLUMNS, fetch_tables  # noqa: E402
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 DS = "minnie65_public"

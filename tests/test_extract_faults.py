@@ -21,11 +21,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import overrides, write_labelled_world
+
 from jobs.extract import extract_job
-from synhpc.manifest import prepare_run
 from synhpc.config import load_config
+from synhpc.manifest import prepare_run
 from synhpc.shards import shard_complete
 
 BASE_SEED = int(os.environ.get("SYNHPC_FAULT_SEED", "20260601"))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import make_volume
+
 from synhpc.geometry import cube_bounds, to_voxels
 from synhpc.imagery import CubeReader
 
@@ -47,7 +47,8 @@ def test_cubes_match_volume_exactly_including_edges(random_volume, shape_zyx):
     for n, c in enumerate(centers):
         np.testing.assert_array_equal(cubes[n], expected_cube(data, c, shape_zyx), err_msg=f"center {c.tolist()}")
     Z, Y, X = shape_zyx
-    inside = [(c[0] - X // 2 >= 0 and c[0] - X // 2 + X <= 100 and c[1] - Y // 2 >= 0 and c[1] - Y // 2 + Y <= 90 and c[2] - Z // 2 >= 0 and c[2] - Z // 2 + Z <= 30) for c in centers]
+    size, extent = (X, Y, Z), (100, 90, 30)
+    inside = [all(c[a] - size[a] // 2 >= 0 and c[a] - size[a] // 2 + size[a] <= extent[a] for a in range(3)) for c in centers]
     assert edge.tolist() == [not v for v in inside]
     assert not missing.any()  # voxels outside the volume are not missing chunks
 

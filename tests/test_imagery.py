@@ -259,7 +259,8 @@ def test_raw_encoding_with_missing_chunks(tmp_path, sharded):
     truth = data.copy()
     truth[16:32, 16:32, 4:8] = 0
     centers = np.array([[1024, 2024, 306], [1005, 2030, 301], [1039, 2035, 311]])
-    expected = np.stack([np.pad(truth, 8)[c[0] - 1000 + 8 - 8 : c[0] - 1000 + 8 + 8, c[1] - 2000 + 8 - 8 : c[1] - 2000 + 8 + 8, c[2] - 300 + 8 - 2 : c[2] - 300 + 8 + 2].transpose(2, 1, 0) for c in centers])
+    padded = np.pad(truth, 8)
+    expected = np.stack([padded[c[0] - 1000 : c[0] - 1000 + 16, c[1] - 2000 : c[1] - 2000 + 16, c[2] - 300 + 6 : c[2] - 300 + 10].transpose(2, 1, 0) for c in centers])
     with LoopbackServer(tmp_path) as server:
         for u in (url, f"{server.url}/raw"):
             cubes, edge, missing = CubeReader(u, threads=2).cubes(centers, (4, 16, 16))

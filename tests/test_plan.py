@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from slurm.plan import SLURM_DEFAULT_MAX_ARRAY_SIZE, array_chunks, cluster_max_array_size, format_plan, make_plan
 from synhpc.config import load_config
 from synhpc.manifest import plan_manifest
-from slurm.plan import SLURM_DEFAULT_MAX_ARRAY_SIZE, array_chunks, cluster_max_array_size, format_plan, make_plan
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from slurm_fixture import scontrol_config
 
 pytestmark = pytest.mark.slurm

@@ -13,15 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from slurm_fixture import CLUSTER_SCRIPT, MARKER, REPO_ROOT
 
 from slurm.profile import load_profile
 from slurm.queue import job_states, stage_state
 from slurm.queue import max_array_size as max_array_size
 from slurm.status import read_jobs, status, training_state
 from slurm.submit import submit_pipeline
-from synhpc.rundir import STAGES, RunDir
-from slurm_fixture import CLUSTER_SCRIPT, MARKER, REPO_ROOT
 from synhpc.config import load_config
+from synhpc.rundir import STAGES, RunDir
 from synhpc.training import MEASURED_COLUMNS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
