@@ -177,3 +177,20 @@ def test_status_without_slurm_shows_disk_state(tmp_path, monkeypatch):
     assert "step 0/2" in text and "evaluation: not yet" in text
     with pytest.raises(DataError, match="missing: no such run folder"):
         status_mod.status(tmp_path / "missing")
+
+
+def test_the_override_example_in_hyak_yaml_works():
+    """The command in the profile's header comment is what users copy: its profile.* overrides must load and leave
+    nothing to fill in."""
+    import re
+
+    from slurm.profile import PROFILE_DIR
+    from slurm.submit import split_overrides
+
+    header = "".join(line.lstrip("# ").rstrip("\\\n") + " " for line in (PROFILE_DIR / "hyak.yaml").read_text().splitlines() if line.startswith("#"))
+    command = re.search(r"synhpc submit -c \S+ --profile hyak (.*?)(?:Checkpoint|$)", header).group(1).split()
+    config_overrides, profile_overrides = split_overrides(command)
+    assert config_overrides == [] and len(profile_overrides) >= 5
+    profile = load_profile("hyak", profile_overrides)
+    check_submittable(profile)
+    assert profile.account == "mylab" and profile.paths.run_root == "/gscratch/mylab/synhpc/logs"
