@@ -31,9 +31,11 @@ from synhpc.errors import ConfigError
 
 @dataclass
 class RunConfig:
-    name: str = "demo"
-    root: str = "logs"
-    seed: int = 0
+    """Where a run's folder is: ``<run.root>/<run.name>/``."""
+
+    name: str = "demo"  # the run's folder name: a plain name, inside run.root
+    root: str = "logs"  # folder of all runs; gather writes <run.root>/summary.csv (on Hyak: /gscratch/<lab>/...)
+    seed: int = 0  # seed of the bootstrap confidence intervals and the neuron curve's draws
 
 
 @dataclass
@@ -46,25 +48,25 @@ class WorldConfig:
     uneven sections: ``world.section_contrast_jitter=0.15``; noisy cell-type table: ``world.label_noise=0.1``.
     """
 
-    path: str = "logs/world"
-    seed: int = 0
-    shape_vx: list[int] = field(default_factory=lambda: [768, 768, 96])
-    chunk_vx: list[int] = field(default_factory=lambda: [64, 64, 16])
-    n_neurons: int = 120
-    n_synapses: int = 2000
-    excitatory_fraction: float = 0.55
+    path: str = "logs/world"  # folder of the world (rebuilt only when these settings change)
+    seed: int = 0  # everything in the world is a function of this seed
+    shape_vx: list[int] = field(default_factory=lambda: [768, 768, 96])  # x, y, z voxels at mip 0 (8x8x40 nm)
+    chunk_vx: list[int] = field(default_factory=lambda: [64, 64, 16])  # precomputed chunk size
+    n_neurons: int = 120  # presynaptic neurons
+    n_synapses: int = 2000  # synapses (a few neurons own most: heavy-tailed)
+    excitatory_fraction: float = 0.55  # share of excitatory neurons
     unlabeled_fraction: float = 0.05  # presynaptic neurons left out of the cell-type table (orphans)
     orphan_min_synapses: int = 3  # each orphan gets at least this many synapses (labelled neurons at least 3)
     label_noise: float = 0.0  # fraction of labelled neurons whose cell-type row names the other class
-    difficulty: float = 0.3
+    difficulty: float = 0.3  # in [0, 1]: pulls the classes' ultrastructure toward each other and raises noise
     # Class cues: each neuron shows its class with a strength drawn around cue_strength (coefficient of variation
     # neuron_cue_spread; some neurons look ambiguous) and each synapse scatters around its neuron's strength
     # (sd synapse_cue_jitter, in units of the E/I gap), so neurons of one class overlap.
     cue_strength: float = 1.0
     neuron_cue_spread: float = 0.5
     synapse_cue_jitter: float = 0.4
-    missing_section_rate: float = 0.01
-    misaligned_section_rate: float = 0.02
+    missing_section_rate: float = 0.01  # sections lost (black or grey), as in serial-section EM
+    misaligned_section_rate: float = 0.02  # sections shifted a few voxels
     # How far a table's synapse points sit from the true cleft centre (uniform, +-x, y, z nm): annotations are not
     # exact, and in z a few 40 nm sections off is common, so one section through the table point can miss the cleft.
     annotation_jitter_nm: list[float] = field(default_factory=lambda: [40.0, 40.0, 160.0])
@@ -77,26 +79,26 @@ class WorldConfig:
     # Postsynaptic target compartment shares (spine, shaft, soma) by presynaptic class.
     targets_excitatory: list[float] = field(default_factory=lambda: [0.80, 0.18, 0.02])
     targets_inhibitory: list[float] = field(default_factory=lambda: [0.25, 0.55, 0.20])
-    layout: Literal["dense", "sparse"] = "dense"
+    layout: Literal["dense", "sparse"] = "dense"  # synapses clustered (dense) or spread evenly (sparse)
 
 
 @dataclass
 class TablesConfig:
     """Where synapse and cell-type tables come from, and in what units their positions are."""
 
-    source: Literal["files", "cave"] = "files"
-    synapses: str = "logs/world/synapses_pni_2.csv.gz"
-    cell_types: str = "logs/world/aibs_metamodel_celltypes_v661.csv.gz"
-    cell_type_table: str = "aibs_metamodel_celltypes_v661"
-    synapse_table: str = "synapses_pni_2"
-    position: Literal["pre_pt_position", "ctr_pt_position", "post_pt_position"] = "ctr_pt_position"
-    position_resolution_nm: list[float] = field(default_factory=lambda: [4.0, 4.0, 40.0])
-    materialization_version: int = 0
-    datastack: str = ""
-    server_address: str = ""
-    min_size: int = 0
-    drop_autapses: bool = True
-    pre_root_ids: list[int] = field(default_factory=list)
+    source: Literal["files", "cave"] = "files"  # static dumps / files, or CAVE through caveclient (token needed)
+    synapses: str = "logs/world/synapses_pni_2.csv.gz"  # synapse table: csv(.gz) with or without header, parquet, feather, URL
+    cell_types: str = "logs/world/aibs_metamodel_celltypes_v661.csv.gz"  # cell-type table (same formats)
+    cell_type_table: str = "aibs_metamodel_celltypes_v661"  # which vocabulary reads it (synhpc/data/vocabularies.yaml)
+    synapse_table: str = "synapses_pni_2"  # CAVE table name (cave source)
+    position: Literal["pre_pt_position", "ctr_pt_position", "post_pt_position"] = "ctr_pt_position"  # cube centre
+    position_resolution_nm: list[float] = field(default_factory=lambda: [4.0, 4.0, 40.0])  # units of the positions
+    materialization_version: int = 0  # pinned CAVE/dump version, recorded in every shard (0: none)
+    datastack: str = ""  # CAVE datastack (e.g. minnie65_public)
+    server_address: str = ""  # CAVE server ("" = caveclient's default)
+    min_size: int = 0  # drop synapses smaller than this (table units)
+    drop_autapses: bool = True  # drop synapses whose pre- and postsynaptic roots are the same
+    pre_root_ids: list[int] = field(default_factory=list)  # keep only these presynaptic roots (empty: all labelled)
     # Header sidecars of headerless dumps (one `column_name,data_type` row per column). "" = `<name>_header.csv`
     # beside the data file, used when it exists (the public minnie65 dumps ship one per table).
     synapses_header: str = ""
@@ -112,24 +114,32 @@ class TablesConfig:
 
 @dataclass
 class ImageryConfig:
-    url: str = "file://logs/world/em"
-    mip: int = 0
-    fill_missing: bool = True
-    threads: int = 4
-    retries: int = 4
+    """The EM volume cubes are cut from (Neuroglancer precomputed, read with cloud-volume's decoders)."""
+
+    url: str = "file://logs/world/em"  # file://, http(s)://, gs://, s3:// or precomputed://...; sharded or not, raw or JPEG
+    mip: int = 0  # resolution level (minnie65: mip 0 = 8x8x40 nm)
+    fill_missing: bool = True  # missing chunks read as zeros and are counted; false: a missing chunk is an error
+    threads: int = 4  # parallel chunk reads per task
+    retries: int = 4  # retries of a transient read failure (5xx, reset, timeout), with exponential backoff
 
 
 @dataclass
 class CubesConfig:
-    shape_zyx: list[int] = field(default_factory=lambda: [16, 48, 48])
-    shard_size: int = 256
-    compression: Literal["none", "zstd", "lzf", "gzip"] = "none"
+    """The cubes cut around each synapse and the HDF5 shards that hold them."""
+
+    shape_zyx: list[int] = field(default_factory=lambda: [16, 48, 48])  # z, y, x voxels at imagery.mip
+    shard_size: int = 256  # cubes per shard (one extraction task writes one shard)
+    compression: Literal["none", "zstd", "lz4", "blosc", "lzf", "gzip"] = "none"  # HDF5 filter of the cube dataset
 
 
 @dataclass
 class SplitConfig:
+    """Neuron-disjoint train/val/test: every presynaptic neuron's synapses go to one split."""
+
+    # Per class (excitatory and inhibitory separately), the share of neurons AND the share of synapses each split
+    # gets, as (train, val, test); both are met within split.tolerance or the plan stops naming the class.
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    seed: int = 0
+    seed: int = 0  # which of the valid splits is drawn
     max_per_neuron: int = 0  # cap each presynaptic neuron's synapses (seeded subsample); 0 = keep all
     spatial_block_um: float = 0.0  # > 0: drop synapses that share a block of this edge with another split's
     balance_classes: bool = False  # subsample the majority class in each split to the minority's count
@@ -144,26 +154,25 @@ class AugmentConfig:
     """Which augmentations run during training and how strongly (probabilities are per cube or per section);
     see :mod:`synhpc.augment`."""
 
-    enabled: bool = True
-
-    flip_rot90: bool = True
-    elastic_p: float = 0.0
-    elastic_sigma: float = 2.0
-    elastic_spacing: int = 16
-    elastic_per_section: bool = True
-    misalign_p: float = 0.03
-    misalign_max_shift: int = 4
-    missing_p: float = 0.01
-    missing_fill: Literal["zero", "mean", "mixed"] = "mixed"
-    intensity_p: float = 0.8
+    enabled: bool = True  # false: no augmentation at all
+    flip_rot90: bool = True  # the 8 in-plane flips and quarter turns (z is never flipped)
+    elastic_p: float = 0.0  # probability of a smooth elastic deformation
+    elastic_sigma: float = 2.0  # its displacement, in voxels
+    elastic_spacing: int = 16  # its control-point spacing, in voxels
+    elastic_per_section: bool = True  # one field per section (serial sections deform independently)
+    misalign_p: float = 0.03  # per section: shifted in x/y, as a misaligned section
+    misalign_max_shift: int = 4  # largest shift, in voxels
+    missing_p: float = 0.01  # per section: replaced, as a lost section
+    missing_fill: Literal["zero", "mean", "mixed"] = "mixed"  # what a lost section reads as
+    intensity_p: float = 0.8  # per cube: gamma, contrast and brightness jitter
     # nnU-Net draws noise for 10% of samples; noise is the dearest step on a CPU (a normal draw per voxel).
     noise_p: float = 0.25
-    gamma: float = 0.3
-    contrast: float = 0.2
-    brightness: float = 0.1
-    noise: float = 0.03
-    mix: Literal["none", "mixup", "cutmix"] = "none"
-    mix_alpha: float = 0.4
+    gamma: float = 0.3  # gamma jitter (log scale)
+    contrast: float = 0.2  # contrast jitter (relative)
+    brightness: float = 0.1  # brightness jitter (fraction of the range)
+    noise: float = 0.03  # Gaussian noise sd (fraction of the range)
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # MixUp or CutMix-3D between cubes of a batch
+    mix_alpha: float = 0.4  # Beta(alpha, alpha) mixing weights
 
 
 @dataclass
@@ -211,12 +220,15 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    threshold_metric: Literal["balanced_accuracy", "f1", "youden"] = "balanced_accuracy"
-    batch_size: int = 64
+    """Scoring: the threshold and temperature chosen on validation, metrics on test (and the inference settings
+    prediction uses too)."""
+
+    threshold_metric: Literal["balanced_accuracy", "f1", "youden"] = "balanced_accuracy"  # what tau maximises on val
+    batch_size: int = 64  # cubes per inference batch
     tta_views: Literal[1, 8, 16] = 8  # 1 = no TTA; 8 in-plane dihedral views; 16 adds a z flip
     checkpoint: str = ""  # a model to evaluate instead of the run's: a run folder, its model.json or its best.pt
     bootstrap: int = 1000  # resamples of presynaptic neurons for 95% CIs; 0 = none
-    baselines: bool = True
+    baselines: bool = True  # score the majority, leak-free connectivity and (with tables.targets) target baselines
     # Splits written to predictions.csv (val and test are always scored; add train to inspect fitting).
     splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["val", "test"])
     inspect: int = 8  # test roots closest to the threshold and most confident test errors shown in <run>/inspect
