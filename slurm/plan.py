@@ -219,9 +219,10 @@ def format_plan(plan: dict[str, Any]) -> str:
 # 4,096-row part of MICrONS-like values. Random 64-bit ids barely compress, so this hardly depends on the data.
 PARQUET_BYTES_PER_SYNAPSE = 60.0
 
-# Synapses per second one prediction task scores on local chunks, 2-core CPU, small3d with 8 TTA views
-# (`synhpc bench predict -c configs/demo.yaml`); on a GPU and remote JPEG imagery pass the measured --rate.
-PREDICT_CUBES_PER_S = 150.0
+# Synapses per second one prediction task scores on a 2-core CPU, small3d 16x48x48 with 8 TTA views: 12-18 measured
+# on a loaded machine (`synhpc bench predict -c configs/demo.yaml`; the model, not the imagery, sets the pace). On a
+# GPU pass the rate `synhpc bench predict` measures there as --rate.
+PREDICT_CUBES_PER_S = 15.0
 
 
 def make_prediction_plan(cfg: Config, *, synapses: int | None = None, rate_cubes_per_s: float | None = None,
@@ -268,7 +269,7 @@ def make_prediction_plan(cfg: Config, *, synapses: int | None = None, rate_cubes
         "arrays": [[r.start, r.stop] for r in array_chunks(parts, limit)] if slurm else [],
         "max_array_size": limit,
         "rate_cubes_per_s": rate,
-        "rate_source": "argument" if rate_cubes_per_s else f"{PREDICT_CUBES_PER_S:g} synapses/s per task (CPU, local chunks)",
+        "rate_source": "argument" if rate_cubes_per_s else f"{PREDICT_CUBES_PER_S:g} synapses/s per task (2-core CPU, 8 TTA views)",
         "task_hours": task_hours,
         "gpu_hours": task_hours * gpus,
         "parallel_tasks": parallel,
