@@ -4,15 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/demo.yaml
-# torch first, pinned, so nothing later can pull a CUDA build onto a CPU machine.
+# torch first, pinned, so nothing later can pull a CUDA build onto a CPU machine. On a laptop without a local CPU
+# wheelhouse, `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build from PyTorch's index.
 TORCH_PIN := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: demo test install install-test slurm-up slurm-down bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q $(TORCH_PIN) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -c requirements/constraints.txt -e .
 	touch $@
 
