@@ -12,10 +12,9 @@ Usage::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from synhpc.errors import SynhpcError
+from jobs import run_dir_main
 
 
 def evaluate_job(run_dir: str) -> str:
@@ -29,16 +28,7 @@ def evaluate_job(run_dir: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m jobs.evaluate RUN_DIR", file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        print(f"evaluate: {evaluate_job(args[0])}", flush=True)
-    except SynhpcError as exc:
-        print(f"jobs.evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_dir_main("evaluate", evaluate_job, argv)
 
 
 if __name__ == "__main__":

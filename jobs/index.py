@@ -11,10 +11,9 @@ Usage::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from synhpc.errors import SynhpcError
+from jobs import run_dir_main
 
 
 def index_job(run_dir: str) -> int:
@@ -30,16 +29,7 @@ def index_job(run_dir: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m jobs.index RUN_DIR", file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        print(f"index: {index_job(args[0])} cubes", flush=True)
-    except SynhpcError as exc:
-        print(f"jobs.index: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_dir_main("index", index_job, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Usage::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -18,6 +19,7 @@ import submitit
 from slurm.profile import Profile, executor_options, load_profile, stage_parameters
 from synhpc.config import Config, ExecutionConfig
 from synhpc.errors import DataError
+from synhpc.rundir import RunDir
 
 # Local subprocesses are ours to stop (Ctrl-C); a generous limit only guards against a hung task.
 LOCAL_TIMEOUT_MIN = 24 * 60
@@ -56,14 +58,38 @@ def task_groups(items: list[int], execution: ExecutionConfig) -> list[list[int]]
     return [items[i::n] for i in range(n) if items[i::n]]
 
 
-def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
-    """Prepare the run, extract every missing shard through the configured executor, wait, and build the index."""
+def run_tasks(cfg: Config, stage: str, fn: Callable[[str, list[int]], int], run_path: Path, items: list[int], sizes: dict[int, int],
+              output: Callable[[int], Path], *, unit: str, progress: bool) -> None:
+    """Run ``fn(run_path, group)`` for groups of ``items`` through the configured executor and wait; the bar counts
+    the ``unit``s of items whose ``output`` file is in place (outputs are renamed into place whole). A failed task is
+    one line: its own cause first, then its job id and log."""
     from tqdm import tqdm
 
+    executor = extraction_executor(cfg, RunDir(run_path).job_folder(stage), stage=stage)
+    groups = task_groups(items, cfg.execution)
+    jobs = executor.map_array(fn, [str(Path(run_path).resolve())] * len(groups), groups)
+    pending = set(items)
+    with tqdm(total=sum(sizes.values()), unit=unit, desc=stage, disable=not progress) as bar:
+        while True:
+            finished = all(job.done() for job in jobs)
+            done = {item for item in pending if output(item).is_file()}
+            bar.update(sum(sizes[item] for item in done))
+            pending -= done
+            if finished:
+                break
+            time.sleep(0.5)
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # submitit wraps the task's exception with its traceback
+            raise DataError(f"{task_failure(exc)} ({stage} task {job.job_id}; log: {job.paths.stderr})") from None
+
+
+def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
+    """Prepare the run, extract every missing shard through the configured executor, wait, and build the index."""
     from jobs.extract import extract_job
     from synhpc.cubes import missing_shards
     from synhpc.manifest import prepare_run
-    from synhpc.rundir import RunDir
     from synhpc.shards import build_index
 
     start = time.perf_counter()
@@ -72,25 +98,7 @@ def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     missing = missing_shards(run, sizes, digest)
     run.cubes.mkdir(parents=True, exist_ok=True)
     if missing:
-        executor = extraction_executor(cfg, run.job_folder("extract"))
-        groups = task_groups(missing, cfg.execution)
-        jobs = executor.map_array(extract_job, [str(run.path.resolve())] * len(groups), groups)
-        total = sum(sizes[s] for s in missing)
-        pending = set(missing)
-        with tqdm(total=total, unit="cube", desc="extract", disable=not progress) as bar:
-            while True:
-                finished = all(job.done() for job in jobs)
-                done = {s for s in pending if run.shard(s).is_file()}
-                bar.update(sum(sizes[s] for s in done))
-                pending -= done
-                if finished:
-                    break
-                time.sleep(0.5)
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as exc:  # submitit wraps the task's exception with its traceback
-                raise DataError(f"{task_failure(exc)} (extraction task {job.job_id}; log: {job.paths.stderr})") from None
+        run_tasks(cfg, "extract", extract_job, run.path, missing, {s: sizes[s] for s in missing}, run.shard, unit="cube", progress=progress)
     index = build_index(run, sizes, digest)
     seconds = time.perf_counter() - start
     return {"cubes": sum(sizes.values()), "shards": len(sizes), "submitted": len(missing), "seconds": seconds,
@@ -100,11 +108,9 @@ def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
 def run_prediction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     """Plan the prediction run, score every missing part through the configured executor (one task per part on
     SLURM), wait, and write the per-root table."""
-    from tqdm import tqdm
-
     from jobs.predict import predict_job
     from synhpc.predict import aggregate_roots, missing_parts, part_sizes, plan_prediction
-    from synhpc.rundir import RunDir, read_json
+    from synhpc.rundir import read_json
 
     start = time.perf_counter()
     run = RunDir(cfg.run_dir)
@@ -113,24 +119,7 @@ def run_prediction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     sizes = part_sizes(plan)
     missing = missing_parts(run, plan, digest)
     if missing:
-        executor = extraction_executor(cfg, run.job_folder("predict"), stage="predict")
-        groups = task_groups(missing, cfg.execution)
-        jobs = executor.map_array(predict_job, [str(run.path.resolve())] * len(groups), groups)
-        pending = set(missing)
-        with tqdm(total=sum(sizes[p] for p in missing), unit="synapse", desc="predict", disable=not progress) as bar:
-            while True:
-                finished = all(job.done() for job in jobs)
-                done = {p for p in pending if run.part(p).is_file()}
-                bar.update(sum(sizes[p] for p in done))
-                pending -= done
-                if finished:
-                    break
-                time.sleep(0.5)
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as exc:  # submitit wraps the task's exception with its traceback
-                raise DataError(f"{task_failure(exc)} (prediction task {job.job_id}; log: {job.paths.stderr})") from None
+        run_tasks(cfg, "predict", predict_job, run.path, missing, {p: sizes[p] for p in missing}, run.part, unit="synapse", progress=progress)
     roots = aggregate_roots(run)
     return {"synapses": int(len(plan)), "parts": len(sizes), "submitted": len(missing), "roots": len(roots), "seconds": time.perf_counter() - start}
 
