@@ -68,7 +68,8 @@ def write_labelled_world(root: Path, n_synapses: int = 300, n_neurons: int = 24,
         }
     ).to_csv(root / "cells.csv.gz", index=False)
     url = make_volume(root / "em", data, chunk=(64, 64, 16))
-    return {"tables.synapses": str(root / "syn.csv.gz"), "tables.cell_types": str(root / "cells.csv.gz"), "imagery.url": url}
+    # No target table: the demo config's targets live in its own world, which these tests never generate.
+    return {"tables.synapses": str(root / "syn.csv.gz"), "tables.cell_types": str(root / "cells.csv.gz"), "tables.targets": "\"\"", "imagery.url": url}
 
 
 def overrides(values: dict) -> list[str]:

@@ -136,7 +136,7 @@ def test_plan_counts_on_a_large_table(tmp_path):
         "configs/demo.yaml",
         [
             f"tables.synapses={tmp_path / 'syn.parquet'}", f"tables.cell_types={tmp_path / 'cells.parquet'}",
-            f"imagery.url=file://{tmp_path / 'em'}", "execution.executor=slurm", "cubes.shard_size=256",
+            "tables.targets=\"\"", f"imagery.url=file://{tmp_path / 'em'}", "execution.executor=slurm", "cubes.shard_size=256",
         ],
     )  # fmt: skip
     plan = make_plan(cfg, max_array_size=100)  # speed is measured by `synhpc plan` on 2 M synapses, not asserted here
