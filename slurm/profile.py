@@ -89,6 +89,7 @@ class Profile:
     gather: StageResources = field(default_factory=StageResources)
     predict: StageResources = field(default_factory=StageResources)
     roots: StageResources = field(default_factory=StageResources)
+    pretrain: StageResources = field(default_factory=StageResources)
 
     def stage(self, name: str) -> StageResources:
         if name not in JOB_STAGES:

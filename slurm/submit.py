@@ -82,6 +82,71 @@ def cluster_config(cfg: Config, profile: Profile) -> Config:
     return cfg
 
 
+class Submission:
+    """One submission's jobs: each sbatch made through it is recorded, and on leaving the ``with`` block (even when a
+    later sbatch failed) appended to ``<record>/jobs.csv``, so `status` and the next submit see what was sent.
+
+    Job folders are ``job_folder(profile, owner, name)``: named after the run that owns the jobs, so two runs' jobs
+    never share one.
+
+    Usage::
+
+        with Submission(profile, record=run, owner=run.path) as sub:
+            ids = sub.array("extract", extract_job, str(run.path), shards, what="the extraction array")
+            sub.job("index", index_job, str(run.path), dependency=afterok(ids))
+        jobs = sub.frame
+    """
+
+    def __init__(self, profile: Profile, *, record: RunDir, owner: Path) -> None:
+        self.profile, self.record, self.owner = profile, record, owner
+        self.previous = read_jobs(record)
+        self.number = int(self.previous["submission"].astype(int).max()) + 1 if len(self.previous) else 1
+        self.rows: list[dict[str, Any]] = []
+        self.frame = pd.DataFrame(columns=JOBS_COLUMNS)
+
+    def __enter__(self) -> Submission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.frame = _write(self.record, self.previous, self.rows)
+
+    def _add(self, stage: str, job_id: str, dependency: str, array_range: str = "", items: str = "") -> None:
+        self.rows.append({
+            "submission": self.number, "stage": stage, "job_id": job_id, "array_range": array_range, "items": items,
+            "submitted_at": dt.datetime.now().isoformat(timespec="seconds"), "dependency": dependency,
+        })  # fmt: skip
+
+    def job(self, stage: str, fn: Any, run_path: str, *, dependency: str = "", resources: str | None = None, folder: str | None = None) -> str:
+        """Submit ``fn(run_path)`` with the profile's ``resources`` (default: the stage's) after ``dependency``."""
+        executor = stage_executor(self.profile, resources or stage, job_folder(self.profile, self.owner, folder or stage), dependency)
+        try:
+            job = executor.submit(fn, run_path)
+        except Exception as exc:  # submitit wraps sbatch's stderr in several exception types
+            raise SubmitError(f"sbatch refused the {folder or stage} job: {_last_line(exc)}") from None
+        self._add(stage, job.job_id, dependency)
+        return job.job_id
+
+    def array(self, stage: str, fn: Any, run_path: str, items: list[int], *, what: str, folder: str | None = None) -> list[str]:
+        """Submit ``fn(run_path, [item])`` for every item as array tasks (the stage's resources), one array per
+        MaxArraySize items: indices run 0..MaxArraySize-1 and submitit does not split. Returns the array ids."""
+        ids: list[str] = []
+        path = job_folder(self.profile, self.owner, folder or stage)
+        for chunk in array_chunks(len(items), cluster_max_array_size()) if items else []:
+            part = items[chunk.start : chunk.stop]
+            try:
+                jobs = stage_executor(self.profile, stage, path).map_array(fn, [run_path] * len(part), [[i] for i in part])
+            except Exception as exc:
+                raise SubmitError(f"sbatch refused {what}: {_last_line(exc)}") from None
+            array_id = JobId.parse(jobs[0].job_id).base
+            self._add(stage, array_id, "", f"0-{len(part) - 1}", " ".join(map(str, part)))
+            ids.append(array_id)
+        return ids
+
+
+def _last_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[-1]
+
+
 def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> pd.DataFrame:
     """Submit every stage that is not done, up to and including ``until``; return (and append to jobs.csv) the jobs.
 
@@ -99,68 +164,34 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
     run.cubes.mkdir(parents=True, exist_ok=True)
     missing = missing_shards(run, sizes, digest)
 
-    previous = read_jobs(run)
-    submission = int(previous["submission"].astype(int).max()) + 1 if len(previous) else 1
-    rows: list[dict[str, Any]] = []
-
-    def record(stage: str, job_id: str, dependency: str, array_range: str = "", items: str = "") -> None:
-        rows.append({
-            "submission": submission, "stage": stage, "job_id": job_id, "array_range": array_range, "items": items,
-            "submitted_at": dt.datetime.now().isoformat(timespec="seconds"), "dependency": dependency,
-        })  # fmt: skip
-
-    def submit_one(stage: str, fn: Any, dependency: str) -> str:
-        executor = stage_executor(profile, stage, job_folder(profile, run.path, stage), dependency)
-        try:
-            job = executor.submit(fn, str(run.path))
-        except Exception as exc:  # submitit wraps sbatch's stderr in several exception types
-            raise SubmitError(f"sbatch refused the {stage} job: {str(exc).strip().splitlines()[-1]}") from None
-        record(stage, job.job_id, dependency)
-        return job.job_id
-
     from jobs.evaluate import evaluate_job
     from jobs.extract import extract_job
     from jobs.gather import gather_job
     from jobs.index import index_job
     from jobs.train import TrainJob
 
-    try:
+    path = str(run.path)
+    with Submission(profile, record=run, owner=run.path) as sub:
         upstream: list[str] = []
         if missing and "extract" in wanted:
-            # Indices run 0..MaxArraySize-1, so one array holds at most MaxArraySize tasks; submitit does not split.
-            folder = job_folder(profile, run.path, "extract")
-            for ids in array_chunks(len(missing), cluster_max_array_size()):
-                part = missing[ids.start : ids.stop]
-                executor = stage_executor(profile, "extract", folder)
-                try:
-                    jobs = executor.map_array(extract_job, [str(run.path)] * len(part), [[s] for s in part])
-                except Exception as exc:
-                    raise SubmitError(f"sbatch refused the extraction array: {str(exc).strip().splitlines()[-1]}") from None
-                array_id = JobId.parse(jobs[0].job_id).base
-                record("extract", array_id, "", f"0-{len(part) - 1}", " ".join(map(str, part)))
-                upstream.append(array_id)
+            upstream = sub.array("extract", extract_job, path, missing, what="the extraction array")
         if "index" in wanted:
             if missing:
-                upstream = [submit_one("index", index_job, afterok(upstream))] if upstream else []
+                upstream = [sub.job("index", index_job, path, dependency=afterok(upstream))] if upstream else []
             elif not run.index.is_file():
                 build_index(run, sizes, digest)  # every shard is complete: a few file reads, not worth a job
-        if missing and "index" not in wanted:
-            return _write(run, previous, rows)
-
-        train_needed = "train" in wanted and (bool(missing) or not training_state(run).done)
-        if train_needed:
-            upstream = [submit_one("train", TrainJob(), afterok(upstream))]
-        if "evaluate" in wanted and (train_needed or bool(missing) or not evaluation_current(run)):
-            upstream = [submit_one("evaluate", evaluate_job, afterok(upstream))]
-        root_summary = gathered_summary(cfg.run.root)
-        gathered = root_summary.is_file() and run.summary.is_file() and root_summary.stat().st_mtime >= run.summary.stat().st_mtime
-        if "gather" in wanted and (upstream or not gathered):
-            submit_one("gather", gather_job, afterok(upstream))
-    except BaseException:
-        # Keep what was submitted on record even if a later stage failed, so `status` and the next submit see it.
-        _write(run, previous, rows)
-        raise
-    return _write(run, previous, rows)
+        # Shards still being cut and no index wanted: nothing later could start.
+        if not (missing and "index" not in wanted):
+            train_needed = "train" in wanted and (bool(missing) or not training_state(run).done)
+            if train_needed:
+                upstream = [sub.job("train", TrainJob(), path, dependency=afterok(upstream))]
+            if "evaluate" in wanted and (train_needed or bool(missing) or not evaluation_current(run)):
+                upstream = [sub.job("evaluate", evaluate_job, path, dependency=afterok(upstream))]
+            root_summary = gathered_summary(cfg.run.root)
+            gathered = root_summary.is_file() and run.summary.is_file() and root_summary.stat().st_mtime >= run.summary.stat().st_mtime
+            if "gather" in wanted and (upstream or not gathered):
+                sub.job("gather", gather_job, path, dependency=afterok(upstream))
+    return sub.frame
 
 
 def submit_prediction(cfg: Config, profile: Profile) -> pd.DataFrame:
@@ -179,40 +210,45 @@ def submit_prediction(cfg: Config, profile: Profile) -> pd.DataFrame:
     _clear_previous(run)
     plan = plan_prediction(cfg)  # on the login node: the selection, the plan and config.yaml every task reads
     missing = missing_parts(run, plan, read_json(run.predict_provenance, "prediction record")["digest"])
-    previous = read_jobs(run)
-    submission = int(previous["submission"].astype(int).max()) + 1 if len(previous) else 1
-    rows: list[dict[str, Any]] = []
-
-    def record(stage: str, job_id: str, dependency: str, array_range: str = "", items: str = "") -> None:
-        rows.append({
-            "submission": submission, "stage": stage, "job_id": job_id, "array_range": array_range, "items": items,
-            "submitted_at": dt.datetime.now().isoformat(timespec="seconds"), "dependency": dependency,
-        })  # fmt: skip
-
-    try:
-        upstream: list[str] = []
-        folder = job_folder(profile, run.path, "predict")
-        for ids in array_chunks(len(missing), cluster_max_array_size()) if missing else []:
-            part = missing[ids.start : ids.stop]
-            try:
-                jobs = stage_executor(profile, "predict", folder).map_array(predict_job, [str(run.path)] * len(part), [[p] for p in part])
-            except Exception as exc:
-                raise SubmitError(f"sbatch refused the prediction array: {str(exc).strip().splitlines()[-1]}") from None
-            array_id = JobId.parse(jobs[0].job_id).base
-            record("predict", array_id, "", f"0-{len(part) - 1}", " ".join(map(str, part)))
-            upstream.append(array_id)
+    with Submission(profile, record=run, owner=run.path) as sub:
+        upstream = sub.array("predict", predict_job, str(run.path), missing, what="the prediction array")
         stale = not run.roots.is_file() or any(run.part(p).stat().st_mtime > run.roots.stat().st_mtime for p in set(plan["part"]) if run.part(p).is_file())
         if upstream or stale:
-            executor = stage_executor(profile, "roots", job_folder(profile, run.path, "roots"), afterok(upstream))
-            try:
-                job = executor.submit(roots_job, str(run.path))
-            except Exception as exc:
-                raise SubmitError(f"sbatch refused the roots job: {str(exc).strip().splitlines()[-1]}") from None
-            record("roots", job.job_id, afterok(upstream))
-    except BaseException:
-        _write(run, previous, rows)
-        raise
-    return _write(run, previous, rows)
+            sub.job("roots", roots_job, str(run.path), dependency=afterok(upstream))
+    return sub.frame
+
+
+def submit_pretraining(cfg: Config, profile: Profile) -> pd.DataFrame:
+    """Submit the run's contrastive pretraining (``<run>/pretrain``): an extraction array of its missing shards (the
+    extract stage's resources, split below MaxArraySize), the index, then one requeueable pretraining job (the
+    pretrain stage's resources; one DDP rank per task). Done parts are skipped: complete shards, the index, and the
+    pretraining itself once ``backbone.pt`` is written and every planned step ran.
+
+    Usage: ``submit_pretraining(cfg, load_profile("hyak", ["account=mylab"]))``
+    """
+    from jobs.extract import extract_job
+    from jobs.index import index_job
+    from jobs.pretrain import PretrainJob
+    from synhpc.pretrain import prepare_pretraining, pretraining_done
+
+    check_submittable(profile)
+    cfg = cluster_config(cfg, profile)
+    run = RunDir(cfg.run_dir)
+    prun = run.pretrain
+    _clear_previous(prun)
+    sizes, digest = prepare_pretraining(cfg)  # on the login node: selection, manifest and the config every job reads
+    prun.cubes.mkdir(parents=True, exist_ok=True)
+    missing = missing_shards(prun, sizes, digest)
+    path = str(prun.path)
+    with Submission(profile, record=prun, owner=run.path) as sub:
+        upstream = sub.array("extract", extract_job, path, missing, what="the pretraining extraction array", folder="pretrain-extract")
+        if upstream:
+            upstream = [sub.job("index", index_job, path, dependency=afterok(upstream), folder="pretrain-index")]
+        elif not prun.index.is_file():
+            build_index(prun, sizes, digest)  # every shard is complete: a few file reads, not worth a job
+        if upstream or not pretraining_done(prun):
+            sub.job("pretrain", PretrainJob(), path, dependency=afterok(upstream))
+    return sub.frame
 
 
 def _write(run: RunDir, previous: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -244,8 +280,9 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
     return config, profile
 
 
-def submit_command(config: str | None, profile: str, overrides: list[str] | tuple[str, ...], until: str = "gather", predict: str | None = None) -> str:
-    """What ``synhpc submit -c CONFIG --profile NAME [--predict MODEL] [overrides]`` does and prints.
+def submit_command(config: str | None, profile: str, overrides: list[str] | tuple[str, ...], until: str = "gather", predict: str | None = None,
+                   pretrain: bool = False) -> str:
+    """What ``synhpc submit -c CONFIG --profile NAME [--predict MODEL | --pretrain] [overrides]`` does and prints.
 
     Usage: ``print(submit_command("configs/microns.yaml", "hyak", ["profile.account=mylab"]))``
     """
@@ -257,6 +294,8 @@ def submit_command(config: str | None, profile: str, overrides: list[str] | tupl
     if predict is not None:
         cfg.predict.model = predict
         jobs = submit_prediction(cfg, prof)
+    elif pretrain:
+        jobs = submit_pretraining(cfg, prof)
     elif cfg.split.folds:
         from synhpc.folds import fold_configs
 
@@ -265,6 +304,8 @@ def submit_command(config: str | None, profile: str, overrides: list[str] | tupl
     else:
         jobs = submit_pipeline(cfg, prof, until=until)
     run_dir = cluster_config(cfg, prof).run_dir
+    if pretrain:
+        run_dir = RunDir(run_dir).pretrain.path
     if jobs.empty:
         return f"submit: nothing to do, every stage of {run_dir} is done\nstatus: synhpc status {run_dir}"
     lines = [f"submit: {run_dir} (profile {prof.name})"]

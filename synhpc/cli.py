@@ -26,8 +26,9 @@ STAGES: dict[str, str] = {
     "cv": "k-fold cross-validation by neuron (split.folds=k): extract, train and evaluate every fold, then their spread",
     "demo": "world -> extract -> train -> evaluate -> predict the orphan axons -> gather, on the synthetic world",
     "predict": "label the synapses a selection names (unlabelled axons too) with a trained model; per-root calls",
+    "pretrain": "contrastive pretraining of the model's backbone on a selection's cubes, unlabelled axons too (model.init)",
     "plan": "counts, shards, SLURM arrays, storage and time for an extraction (or, with --predict, a prediction run)",
-    "bench": "benchmarks (CSV + JSON under <run>/bench): extract, train, tables, metrics, predict",
+    "bench": "benchmarks (CSV + JSON under <run>/bench): extract, train, tables, metrics, predict, labels",
     "submit": "submit every stage not yet done as SLURM jobs with dependencies (--profile local|hyak|PATH)",
     "status": "a run's SLURM jobs and on-disk progress (works without SLURM)",
 }
@@ -80,6 +81,10 @@ def stage_train(cfg: Config) -> None:
     # Everything that can be refused is refused before the run folder is touched.
     check_model(cfg.model, cfg.cubes.shape_zyx)
     resolve_device(cfg.train.device)
+    if cfg.model.init:
+        from synhpc.models.backbone import read_backbone
+
+        read_backbone(cfg.model.init)  # a missing or foreign backbone is refused here, not after the lock is taken
     run = RunDir(cfg.run_dir)
     if not run.provenance.is_file():
         raise DataError(f"{run.path}: no extracted cubes; run `synhpc extract` with this config first")
@@ -188,12 +193,19 @@ def _bench_predict(cfg: Config, out) -> object:
     return bench_predict(cfg, out)
 
 
+def _bench_labels(cfg: Config, out) -> object:
+    from synhpc.bench_labels import bench_labels
+
+    return bench_labels(cfg, out)
+
+
 BENCHES: dict[str, Callable[[Config], None]] = {
     "extract": _bench("extract", _bench_extract),
     "train": _bench("train", _bench_train),
     "tables": _bench("tables", _bench_tables),
     "metrics": _bench("metrics", _bench_metrics),
     "predict": _bench("predict", _bench_predict),
+    "labels": _bench("labels", _bench_labels),
 }
 
 
@@ -244,6 +256,19 @@ def stage_cv(cfg: Config) -> None:
     print(f"cv: {cfg.split.folds} folds -> {cv_gathered(cfg.run.root)}")
 
 
+def stage_pretrain(cfg: Config) -> None:
+    from synhpc.pretrain import run_pretraining
+    from synhpc.rundir import RunDir
+
+    result = run_pretraining(cfg)
+    data = result["data"]
+    print(
+        f"pretrain: {data['cubes']} cubes in {data['shards']} shards ({data['cut_now']} cut now), {result['steps']} steps, "
+        f"final loss {result['loss']:.4f}, neighbour balanced accuracy {result['knn_balanced_accuracy']:.3f}, skipped steps {result['skipped_steps']}"
+    )
+    print(f"pretrain: {result['backbone']} (train from it: model.init={RunDir(cfg.run_dir).pretrain.path})")
+
+
 def stage_demo(cfg: Config) -> None:
     start = time.perf_counter()
     for stage in (stage_world, stage_extract, stage_train, stage_evaluate, stage_orphans, stage_gather):
@@ -261,6 +286,7 @@ HANDLERS: dict[str, Callable[[Config], None]] = {
     "demo": stage_demo,
     "cv": stage_cv,
     "predict": stage_predict,
+    "pretrain": stage_pretrain,
 }
 
 
@@ -288,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--profile", default="local", help="cluster profile: slurm/profiles/NAME.yaml or a path [local]")
             p.add_argument("--until", default="gather", choices=list(PIPELINE), help="last stage to submit [gather]")
             p.add_argument("--predict", metavar="MODEL", default=None, help="submit a prediction run with MODEL (a trained run folder or its model.json) instead of training")
+            p.add_argument("--pretrain", action="store_true", help="submit the run's contrastive pretraining (<run>/pretrain) instead of training")
         if name == "predict":
             p.add_argument("--model", required=True, metavar="DIR_OR_CARD", help="a trained run folder, its model.json or its best.pt")
         if name == "plan":
@@ -322,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage == "submit":
             from slurm.submit import submit_command
 
-            print(submit_command(args.config, args.profile, args.overrides, args.until, predict=args.predict))
+            print(submit_command(args.config, args.profile, args.overrides, args.until, predict=args.predict, pretrain=args.pretrain))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.stage == "predict":

@@ -180,40 +180,51 @@ class ExecutionConfig:
     """Where ``synhpc extract`` runs its shard tasks. SLURM resources are not set here but in the cluster profile
     (``slurm/profiles/<profile>.yaml``, stage ``extract``), the one place that decides them."""
 
-    executor: Literal["local", "debug", "slurm"] = "local"
+    executor: Literal["local", "debug", "slurm"] = "local"  # local subprocesses, this process (pdb), or a SLURM array
     workers: int = 2  # local: subprocesses at once
     profile: str = "local"  # slurm: the cluster profile whose extract resources the array gets
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small3d"
-    width: int = 16
-    dropout: float = 0.1
+    """The classifier (``synhpc.models``): one of the zoo's names, built for ``cubes.shape_zyx``."""
+
+    name: str = "small3d"  # small3d (the default 3D CNN) or a zoo model: cnn2d (centre section), 3D/2D ResNets (`synhpc.models.REGISTRY`)
+    width: int = 16  # channels of the first stage of small3d and cnn2d (later stages 2x and 4x)
+    dropout: float = 0.1  # dropout before the linear head
+    # Local torchvision-format weights (e.g. ImageNet or Kinetics) for the zoo's resnets; never downloaded at run time.
     pretrained: str = ""
+    # A pretrained backbone to start from (``synhpc pretrain``): its run folder, its backbone.pt or a pretraining
+    # checkpoint. The head starts fresh; "" = train from model.pretrained or from scratch.
+    init: str = ""
+    freeze: bool = False  # with model.init: train only the head (a linear probe); false fine-tunes everything
+    init_lr_scale: float = 1.0  # with model.init: the backbone's learning rate as a share of train.lr (the head's is train.lr)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    checkpoint_every: int = 25
-    num_workers: int = 0
-    threads: int = 2
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Supervised training (``synhpc train``) on the train split, best epoch chosen on val; DDP across the ranks that
+    SLURM or torchrun starts."""
+
+    epochs: int = 6  # passes over the train split
+    batch_size: int = 32  # cubes per rank and micro-batch
+    lr: float = 3e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_steps: int = 20  # optimizer steps of linear warm-up
+    checkpoint_every: int = 25  # steps between atomic checkpoints (and one at every epoch end): the most a preemption loses
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = read shards in the training process)
+    threads: int = 2  # torch CPU threads per rank
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; steps with non-finite gradients are skipped
     channels_last: bool = False  # channels_last_3d activations (helps cuDNN on GPUs; nothing on CPU)
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: as many excitatory as inhibitory draws per epoch
-    loss: Literal["balanced_bce", "focal"] = "balanced_bce"
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-    label_smoothing: float = 0.0
+    loss: Literal["balanced_bce", "focal"] = "balanced_bce"  # balanced_bce: BCE weighted by the train split's class shares
+    focal_gamma: float = 2.0  # focal loss: down-weighting of easy examples
+    focal_alpha: float = 0.25  # focal loss: weight of the positive (excitatory) class
+    label_smoothing: float = 0.0  # s: targets 1 -> 1 - s/2 and 0 -> s/2 (for label noise in the cell-type table)
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float = 0.0  # 0 = no clipping
     ema_decay: float = 0.999  # 0 = no EMA; the decay warms up as min(decay, (1 + t) / (10 + t))
-    seed: int = 0
+    seed: int = 0  # weights, epoch orders and augmentations are functions of (seed, step): reruns are identical
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when usable; a GPU job without usable CUDA stops
     log_every: int = 50  # batch jobs print a progress line every this many steps (0 = only at epoch ends)
 
@@ -252,6 +263,66 @@ class PredictConfig:
     keep_cubes: bool = False  # also keep the cubes as HDF5 shards beside the parts
     confidence: float = 0.95  # per-root call: excitatory at P >= confidence, inhibitory at P <= 1 - confidence
     call_from: Literal["independent", "mean"] = "independent"  # which per-root probability the call uses
+    embeddings: bool = False  # also write each synapse's backbone embedding: parts/embeddings-<part>.parquet
+
+
+# What the two contrastive views change from the training augmentation: intensity on every view, more noise and more
+# section defects. No elastic warps and only mild zoom: a view must keep what tells the classes apart, the
+# thickness of the densities and the size and roundness of vesicles (on the demo world, warps and a 1.33x zoom left
+# the backbone's features less separable, 0.69 against 0.75 neighbour balanced accuracy).
+PRETRAIN_AUGMENT = [
+    "intensity_p=1.0", "gamma=0.3", "contrast=0.3", "brightness=0.2", "noise_p=0.5", "noise=0.04",
+    "misalign_p=0.05", "missing_p=0.02", "mix=none",
+]  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive pretraining (``synhpc pretrain``, SimCLR's NT-Xent) of the configured model's backbone on the cubes
+    of a selection of synapses, unlabelled axons included, cut into ``<run>/pretrain/cubes``; the backbone lands in
+    ``<run>/pretrain/backbone.pt`` for ``model.init``. Selection keys work as ``predict``'s (none set = every synapse
+    of ``tables.synapses``); threads, workers, device and log lines follow ``train``."""
+
+    pre_root_ids: list[int] = field(default_factory=list)  # presynaptic root ids
+    pre_root_ids_file: str = ""  # a file of root ids: one per line, or a csv/parquet with a pre_root_id column
+    synapse_ids_file: str = ""  # a file of synapse ids: one per line, or a csv/parquet with an id/synapse_id column
+    bbox: list[float] = field(default_factory=list)  # [x0, y0, z0, x1, y1, z1] in table position units, half-open
+    labelled: Literal["any", "unlabelled", "labelled"] = "any"  # whether the presynaptic root is in the cell-type table
+    max_synapses: int = 0  # a seeded subsample of the selection (0 = all of it)
+    # Leave out every synapse of this run's validation and test neurons: a backbone never sees a held-out neuron,
+    # labelled or not (false: pretrain on everything, e.g. before labelling a whole volume).
+    exclude_heldout: bool = True
+    epochs: int = 30  # passes over the pretraining cubes
+    batch_size: int = 64  # cubes per rank and step, two views each: 2 (batch x ranks) - 2 negatives per view
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay to 1%)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_steps: int = 50  # steps of linear warm-up
+    temperature: float = 0.2  # NT-Xent temperature of the cosine similarities
+    projection_hidden: int = 256  # hidden width of the projection MLP (backbone -> hidden -> projection_dim)
+    projection_dim: int = 64  # what the loss compares; the backbone's features are what is kept
+    crop_p: float = 0.5  # share of views cropped around the synapse (the cube centre) and resized back to the cube
+    crop_min: float = 0.9  # smallest crop side in y and x as a fraction of the cube's (a zoom of at most 1 / crop_min)
+    crop_min_z: float = 1.0  # smallest crop depth in z as a fraction of the cube's (1 = sections never resampled)
+    augment: list[str] = field(default_factory=lambda: list(PRETRAIN_AUGMENT))  # key=value overrides of augment for the views
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the forward pass (the loss is fp32)
+    channels_last: bool = False  # channels_last_3d activations (helps cuDNN on GPUs; nothing on CPU)
+    checkpoint_every: int = 50  # steps between periodic checkpoints (and one at every epoch end)
+    monitor: int = 512  # labelled cubes whose neighbour accuracy is logged per epoch (0 = none; it never steers training)
+    seed: int = 0  # weights, epoch orders and views are functions of (seed, epoch, step)
+
+
+@dataclass
+class LabelsConfig:
+    """How many of the train split's labels training uses, and the sweep ``synhpc bench labels`` runs over that
+    (from scratch and from the pretrained backbone; validation and test stay fixed)."""
+
+    fraction: float = 1.0  # share of the train split's neurons used, per class (at least one each); 1 = all
+    seed: int = 0  # which neurons: a seeded order per class whose prefixes are the subsets (5% within 10% within ...)
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0])  # bench labels: fractions swept
+    # bench labels: scratch (random init), finetune (model.init, all weights train), probe (model.init, frozen backbone)
+    arms: list[Literal["scratch", "finetune", "probe"]] = field(default_factory=lambda: ["scratch", "finetune"])
+    repeats: int = 1  # bench labels: neuron draws per fraction below 1 (labels.seed, labels.seed + 1, ...)
+    equal_steps: bool = True  # bench labels: more epochs for fewer labels, so every fraction takes as many steps as all
 
 
 @dataclass
@@ -268,6 +339,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -491,7 +564,39 @@ def _validate(cfg: Config) -> None:
         aug.mix_alpha > 0 and aug.elastic_spacing >= 1 and aug.misalign_max_shift >= 0,
         "augment.mix_alpha must be > 0, augment.elastic_spacing >= 1, augment.misalign_max_shift >= 0",
     )
+    pt = cfg.pretrain
+    need(pt.epochs >= 1 and pt.batch_size >= 2, "pretrain.epochs must be >= 1 and pretrain.batch_size >= 2 (NT-Xent needs negatives)")
+    need(pt.lr > 0 and pt.weight_decay >= 0 and pt.warmup_steps >= 0, "pretrain.lr must be > 0, pretrain.weight_decay and pretrain.warmup_steps >= 0")
+    need(pt.temperature > 0 and min(pt.projection_hidden, pt.projection_dim) >= 1, "pretrain.temperature must be > 0, pretrain.projection_hidden and _dim >= 1")
+    need(0.0 <= pt.crop_p <= 1.0 and 0.0 < min(pt.crop_min, pt.crop_min_z) <= max(pt.crop_min, pt.crop_min_z) <= 1.0, "pretrain.crop_p must lie in [0, 1], crop_min(_z) in (0, 1]")
+    need(pt.checkpoint_every >= 1 and pt.monitor >= 0 and pt.max_synapses >= 0, "pretrain.checkpoint_every must be >= 1, pretrain.monitor and pretrain.max_synapses >= 0")
+    need(
+        not pt.bbox or (len(pt.bbox) == 6 and all(a < b for a, b in zip(pt.bbox[:3], pt.bbox[3:]))),
+        "pretrain.bbox must be [x0, y0, z0, x1, y1, z1] with x0 < x1, y0 < y1, z0 < z1",
+    )
+    views = pretrain_augment(cfg)
+    for name in ("elastic_p", "misalign_p", "missing_p", "intensity_p", "noise_p"):
+        need(0.0 <= getattr(views, name) <= 1.0, f"pretrain.augment: {name} must lie in [0, 1]")
+    need(not cfg.model.freeze or bool(cfg.model.init), "model.freeze needs model.init (the pretrained backbone to freeze)")
+    need(0.0 < cfg.model.init_lr_scale <= 1.0, "model.init_lr_scale must lie in (0, 1]")
+    lb = cfg.labels
+    need(0.0 < lb.fraction <= 1.0 and bool(lb.fractions) and all(0.0 < f <= 1.0 for f in lb.fractions), "labels.fraction and every labels.fractions entry must lie in (0, 1]")
+    need(bool(lb.arms) and lb.repeats >= 1, "labels.arms must name at least one arm and labels.repeats be >= 1")
     _check_run_name(cfg.run.name)
+
+
+def pretrain_augment(cfg: Config) -> AugmentConfig:
+    """The augment section with ``pretrain.augment``'s ``key=value`` overrides: what contrastive views are drawn with.
+
+    Usage: ``pretrain_augment(cfg).elastic_p``
+    """
+    merged = dataclasses.asdict(cfg.augment)
+    for text in cfg.pretrain.augment:
+        key, value = parse_override(text)
+        if "." in key:
+            raise ConfigError(f"pretrain.augment: '{text}' must name a key of the augment section (e.g. elastic_p=0.3)")
+        merged[key] = value
+    return from_dict(AugmentConfig, merged, "augment.", "pretrain.augment")
 
 
 def _check_run_name(name: str) -> None:

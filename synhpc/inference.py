@@ -40,7 +40,8 @@ def private_generator() -> torch.Generator:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, batches: Iterable[torch.Tensor], views: int = 1) -> np.ndarray:
-    """Logits (float32, in order) for uint8 cube batches, in eval mode, averaged over ``views`` dihedral views."""
+    """Logits (float32, in order) for uint8 cube batches, in eval mode, averaged over ``views`` dihedral views (or,
+    given a backbone, its (N, D) features)."""
     model.eval()
     device = next(model.parameters()).device
     cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

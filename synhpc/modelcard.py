@@ -31,8 +31,13 @@ LABELS = {"1": "excitatory", "0": "inhibitory"}
 
 
 def card_from_training(cfg: Config, *, epoch: int, step: int, training_digest: str, weights_sha256: str,
-                       provenance: dict[str, Any], counts: dict[str, Any], validation: dict[str, float], ema: bool) -> dict[str, Any]:
-    """The card of a model trained under ``cfg``: architecture, input contract, data provenance, validation."""
+                       provenance: dict[str, Any], counts: dict[str, Any], validation: dict[str, float], ema: bool,
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card of a model trained under ``cfg``: architecture, input contract, data provenance, validation.
+
+    ``extra``: sections only some models have, e.g. ``pretraining`` (the backbone ``model.init`` loaded: path,
+    sha256, pretraining digest, whether it was frozen) and ``label_budget`` (fraction, seed, neurons and
+    synapses kept per class)."""
     from synhpc.inference import INTENSITY_OFFSET, INTENSITY_SCALE
     from synhpc.tables import vocabularies
 
@@ -71,6 +76,7 @@ def card_from_training(cfg: Config, *, epoch: int, step: int, training_digest: s
                      "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "init": getattr(cfg.model, "init", "") or ""},
         "decision": {"tau": None, "threshold_metric": cfg.evaluate.threshold_metric, "temperature": None, "tta_views": cfg.evaluate.tta_views},
         "validation": validation,
+        **(extra or {}),
     }
 
 

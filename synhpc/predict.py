@@ -61,6 +61,8 @@ def prediction_digest(cfg: Config, card: dict[str, Any]) -> str:
     model's weights and decision, and the part size (which synapse lands in which file)."""
     data = cfg.to_dict()
     selection = {k: v for k, v in data["predict"].items() if k not in ("read_ahead", "block_size", "keep_cubes", "model")}
+    if not selection.get("embeddings"):
+        selection.pop("embeddings", None)  # runs without embeddings keep the digest they always had
     imagery = {k: v for k, v in data["imagery"].items() if k not in ("threads", "retries")}
     keyed = {
         "predict": selection, "tables": {k: v for k, v in data["tables"].items() if k != "cache_dir"}, "imagery": imagery,
@@ -185,9 +187,9 @@ def _blocks(reader, rows: pd.DataFrame, shape_zyx: list[int], block: int, read_a
             yield rows.iloc[start : start + block], cubes, missing
 
 
-def score_rows(cfg: Config, model, card: dict[str, Any], reader, rows: pd.DataFrame, keep_cubes: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
+def score_rows(cfg: Config, model, card: dict[str, Any], reader, rows: pd.DataFrame, keep_cubes: bool = False, embed=None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The part's output frame (CAVE columns + logit, probability, prediction) for ``rows`` of the plan, and the cubes
-    when asked to keep them."""
+    when asked to keep them. ``embed``: called with each block's cubes (uint8, N x Z x Y x X) as it is scored."""
     import torch
 
     from synhpc.inference import predict_logits
@@ -198,6 +200,8 @@ def score_rows(cfg: Config, model, card: dict[str, Any], reader, rows: pd.DataFr
     for _, cubes, _ in _blocks(reader, rows, shape, cfg.predict.block_size, cfg.predict.read_ahead):
         batches = (torch.from_numpy(cubes[i : i + cfg.evaluate.batch_size])[:, None] for i in range(0, len(cubes), cfg.evaluate.batch_size))
         logits.append(predict_logits(model, batches, views=cfg.evaluate.tta_views).astype(np.float64))
+        if embed is not None:
+            embed(cubes)
         if keep_cubes:
             kept.append(cubes)
     logit = np.concatenate(logits) if logits else np.zeros(0)
@@ -242,15 +246,44 @@ def predict_part(run: RunDir, part: int, *, model=None, card: dict[str, Any] | N
     if card["weights"]["sha256"] != record["model_card"]["weights"]["sha256"]:
         raise DataError(f"{record['model']}: the model changed since this prediction was planned; use a new run.name")
     reader = reader or open_reader(cfg)
+    embedded: list[np.ndarray] = []
+    embed = None
+    if cfg.predict.embeddings:
+        import torch
+
+        from synhpc.models.backbone import embed_batches
+
+        def embed(cubes: np.ndarray) -> None:
+            batches = (torch.from_numpy(cubes[i : i + cfg.evaluate.batch_size])[:, None] for i in range(0, len(cubes), cfg.evaluate.batch_size))
+            embedded.append(embed_batches(model, batches, views=cfg.evaluate.tta_views))
+
     try:
-        out, cubes = score_rows(cfg, model, card, reader, rows, keep_cubes=cfg.predict.keep_cubes)
+        out, cubes = score_rows(cfg, model, card, reader, rows, keep_cubes=cfg.predict.keep_cubes, embed=embed)
     except DataError as exc:
         raise DataError(f"{run.part(part).name}: {exc}") from None
     run.parts.mkdir(parents=True, exist_ok=True)
     if cubes is not None:
         _write_part_cubes(cfg, run, part, rows, cubes, record)
+    if embed is not None:
+        # Before the part itself: a part on disk is what says "done", so its embeddings must already be there.
+        _write_embeddings(run.part_embeddings(part), out, np.concatenate(embedded), record)
     _write_parquet(out, run.part(part), {"synhpc_prediction_digest": record["digest"], "synhpc_version": __version__})
     return len(rows)
+
+
+def _write_embeddings(path, out: pd.DataFrame, embeddings: np.ndarray, record: dict[str, Any]) -> None:
+    """One row per synapse of the part, in the part's order: id, pre_pt_root_id and ``embedding`` (the backbone's
+    features as a fixed-size float32 list; ``np.stack(frame["embedding"])`` gives the (N, D) matrix)."""
+    import pyarrow as pa
+
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    table = pa.table({
+        "id": pa.array(out["id"].to_numpy(np.int64)), "pre_pt_root_id": pa.array(out["pre_pt_root_id"].to_numpy(np.int64)),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1]),
+    })  # fmt: skip
+    meta = {"synhpc_prediction_digest": record["digest"], "synhpc_version": __version__, "weights_sha256": record["model_card"]["weights"]["sha256"],
+            "embedding_dim": str(embeddings.shape[1])}  # fmt: skip
+    _write_parquet(table, path, meta)
 
 
 def _write_part_cubes(cfg: Config, run: RunDir, part: int, rows: pd.DataFrame, cubes: np.ndarray, record: dict[str, Any]) -> None:
@@ -268,12 +301,13 @@ def _write_part_cubes(cfg: Config, run: RunDir, part: int, rows: pd.DataFrame, c
     )  # fmt: skip
 
 
-def _write_parquet(frame: pd.DataFrame, path, metadata: dict[str, str] | None = None) -> None:
-    """A parquet file written whole (temp sibling, fsync, rename), with ``metadata`` in its footer."""
+def _write_parquet(frame, path, metadata: dict[str, str] | None = None) -> None:
+    """A parquet file (from a DataFrame or a pyarrow Table) written whole (temp sibling, fsync, rename), with
+    ``metadata`` in its footer."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -35,8 +35,10 @@ from synhpc.errors import DataError
 STAGES = ("extract", "index", "train", "evaluate", "gather")
 # A prediction run's stages: parts scored by an array, then the per-root table.
 PREDICTION_STAGES = ("predict", "roots")
+# Contrastive pretraining (its cubes are cut by extract and index jobs): one requeueable, data-parallel job.
+PRETRAIN_STAGES = ("pretrain",)
 # Every kind of batch job, each with its own resources in a cluster profile.
-JOB_STAGES = (*STAGES, *PREDICTION_STAGES)
+JOB_STAGES = (*STAGES, *PREDICTION_STAGES, *PRETRAIN_STAGES)
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,38 @@ class RunDir:
     def roots(self) -> Path:
         """Per presynaptic root: synapses, summed and mean log-odds, P(excitatory) two ways, and the call."""
         return self.path / "roots.csv"
+
+    def part_embeddings(self, part: int) -> Path:
+        """Backbone embeddings of one part (``predict.embeddings``): id, pre_pt_root_id, embedding (float32 list)."""
+        return self.parts / f"embeddings-{part:05d}.parquet"
+
+    # ---------------------------------------------------------------------------------------------- pretraining
+    @property
+    def pretrain(self) -> RunDir:
+        """Contrastive pretraining of this run (``synhpc pretrain``): a run folder of its own, ``<run>/pretrain/``,
+        whose manifest, shards and index hold the pretraining cubes (label -1 where the presynaptic root has no
+        cell type, split -1) beside its config, checkpoints, progress record and lock."""
+        return RunDir(self.path / "pretrain")
+
+    @property
+    def backbone(self) -> Path:
+        """The pretrained feature extractor (``synhpc.models.backbone``), written when pretraining finishes."""
+        return self.path / "backbone.pt"
+
+    @property
+    def pretrain_record(self) -> Path:
+        """What was pretrained on what: selection, counts, recipe, digests, the backbone's sha256."""
+        return self.path / "pretrain.json"
+
+    @property
+    def pretrain_log(self) -> Path:
+        """Per-epoch contrastive loss and accuracy, lr, neighbour accuracy of labelled embeddings, samples/s."""
+        return self.path / "pretrain_log.csv"
+
+    @property
+    def label_sweep(self) -> Path:
+        """``synhpc bench labels``: one training run folder per (arm, label fraction, repeat)."""
+        return self.bench / "labels"
 
     # ---------------------------------------------------------------------------------------------- cluster
     @property

@@ -37,9 +37,11 @@ from synhpc.distributed import DistInfo, any_rank, broadcast_from_main, cleanup,
 from synhpc.ema import EMA
 from synhpc.errors import DataError
 from synhpc.inference import normalize, predict_rows, private_generator
+from synhpc.label_budget import budget_record, neuron_subset
 from synhpc.losses import balanced_bce, focal_loss, soft_targets
 from synhpc.metrics import binary_metrics, sigmoid
 from synhpc.models import build_model
+from synhpc.models.backbone import load_backbone, split_model
 from synhpc.preemption import StopFlag
 from synhpc.rundir import RunDir, TrainProgress
 from synhpc.splits import SPLITS
@@ -54,7 +56,11 @@ def training_digest(cfg: Config) -> str:
     data = cfg.to_dict()
     # How often to checkpoint or log and how many workers/threads to use do not change what is learned.
     train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads", "checkpoint_every", "log_every", "device")}
-    keyed = {"model": data["model"], "train": train, "augment": data["augment"], "cubes": data["cubes"]["shape_zyx"]}
+    # model.init/freeze and the label budget count only when used, so every other run keeps its digest (and resumes).
+    model = {k: v for k, v in data["model"].items() if k not in ("init", "freeze", "init_lr_scale") or (v and cfg.model.init)}
+    keyed = {"model": model, "train": train, "augment": data["augment"], "cubes": data["cubes"]["shape_zyx"]}
+    if cfg.labels.fraction < 1.0:
+        keyed["labels"] = {"fraction": cfg.labels.fraction, "seed": cfg.labels.seed}
     return digest_of(keyed)
 
 
@@ -117,8 +123,13 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.layout = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, cfg.cubes.shape_zyx).to(self.device, memory_format=self.layout)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.model = build_model(cfg.model, cfg.cubes.shape_zyx)
+        # model.init: the pretrained backbone replaces the built one's weights (the head stays as built) before
+        # anything copies the model; its file's sha256 joins the digest, so a checkpoint never resumes onto another.
+        self.init = load_backbone(self.model, cfg.model.init, expect=cfg.model.name, freeze=cfg.model.freeze) if cfg.model.init else None
+        self.card_extra: dict[str, Any] = {"pretraining": self.init} if self.init else {}
+        self.model = self.model.to(self.device, memory_format=self.layout)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         # Validation (and best.pt) use the averaged weights when there are any: they are what evaluation scores.
@@ -127,7 +138,7 @@ class Trainer:
         self.per_epoch = per_epoch
         self.total = per_epoch * cfg.train.epochs
         self.updates_total = math.ceil(per_epoch / cfg.train.grad_accum) * cfg.train.epochs
-        self.digest = training_digest(cfg)
+        self.digest = training_digest(cfg) if self.init is None else digest_of([training_digest(cfg), self.init["sha256"]])
         self.step, self.history, self.skipped = 0, [], 0
         self.best = {"balanced_accuracy": -1.0, "epoch": -1}
         # Loss summed over the epoch so far; checkpointed so a resumed epoch reports the same mean.
@@ -139,6 +150,18 @@ class Trainer:
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _param_groups(self) -> Any:
+        """All parameters in one group, or with a pretrained backbone and ``model.init_lr_scale`` < 1 the backbone's
+        in a group whose learning rate is that share of the schedule's (a fine-tune that keeps more of what
+        pretraining learnt)."""
+        scale = self.cfg.model.init_lr_scale
+        if self.init is None or scale == 1.0:
+            return self.model.parameters()
+        head = {id(p) for p in split_model(self.model).head.parameters()}
+        backbone = [p for p in self.model.parameters() if id(p) not in head]
+        # The head first: train_log.csv's lr column reads group 0.
+        return [{"params": [p for p in self.model.parameters() if id(p) in head]}, {"params": backbone, "lr_scale": scale}]
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -188,6 +211,8 @@ class Trainer:
         update = epoch * math.ceil(self.per_epoch / accum) + (self.step - epoch * self.per_epoch) // accum
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, update, self.updates_total)
+            if "lr_scale" in group:  # only a fine-tuned pretrained backbone's group has one
+                group["lr"] *= group["lr_scale"]
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step))
         cubes, targets = cubes.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         x, y = mix(normalize(apply(cubes, cfg.augment, gen)), targets, cfg.augment, gen)
@@ -272,6 +297,11 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     info = init_from_env(cfg.train.device)
     data = ShardSet(run)
     train_idx, val_idx = data.indices(SPLITS["train"]), data.indices(SPLITS["val"])
+    budget = None
+    if cfg.labels.fraction < 1.0:  # a label budget: a seeded share of the train neurons per class (synhpc.label_budget)
+        roots, classes = data.rows["pre_root_id"][train_idx], data.rows["label"][train_idx]
+        budget = budget_record(roots, classes, cfg.labels.fraction, cfg.labels.seed)
+        train_idx = train_idx[neuron_subset(roots, classes, cfg.labels.fraction, cfg.labels.seed)]
     labels = data.rows["label"][train_idx]
     n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
     if n_pos == 0 or n_neg == 0:
@@ -282,6 +312,8 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         if info.is_main:
             save_config(cfg, run.config)  # the recipe this run trains with; extraction sections were checked equal
         trainer = Trainer(cfg, n_pos=n_pos, n_neg=n_neg, per_epoch=per_epoch, info=info)
+        if budget is not None:
+            trainer.card_extra["label_budget"] = budget
         state, path = load_latest(run.checkpoints)
         if state is not None:
             if state["digest"] != trainer.digest:
@@ -370,7 +402,7 @@ def _save_best(cfg: Config, run: RunDir, trainer: Trainer, data: ShardSet, val: 
     validation = {k: float(v) for k, v in val.items() if k in ("balanced_accuracy", "roc_auc", "pr_auc", "accuracy", "mcc")}
     card = card_from_training(
         cfg, epoch=epoch, step=trainer.step, training_digest=trainer.digest, weights_sha256=file_sha256(run.best),
-        provenance=read_provenance(run), counts=data.counts(), validation=validation, ema=trainer.ema is not None,
+        provenance=read_provenance(run), counts=data.counts(), validation=validation, ema=trainer.ema is not None, extra=trainer.card_extra,
     )
     write_card(run, card)
 

@@ -100,3 +100,24 @@ def extracted_run(tmp_path_factory) -> tuple[Path, list[str]]:
     cfg = load_config("configs/demo.yaml", args)
     run_extraction(cfg, progress=False)
     return cfg.run_dir, args
+
+
+def run_ranks(target, payload, world_size: int = 2) -> dict[int, dict]:
+    """Run ``target(rank, world_size, port, payload, queue)`` in ``world_size`` spawned processes (a gloo group on a
+    free loopback port); each puts ``(rank, result)`` on the queue. Returns the results by rank, every process exited 0."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")  # cloud-volume imports gevent; forked children can deadlock
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, payload, out)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

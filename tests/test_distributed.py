@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
-import socket
 
 import pytest
+from conftest import run_ranks
 
 from synhpc.config import load_config
 
@@ -21,12 +21,6 @@ def _rank(rank: int, world: int, port: int, args: list[str], out: mp.Queue) -> N
     out.put((rank, train(cfg, progress=False)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_weights(extracted_run, tmp_path):
     base, args = extracted_run
@@ -35,16 +29,7 @@ def test_two_gloo_ranks_hold_identical_weights(extracted_run, tmp_path):
     for name in ("cubes", "synapses.csv", "provenance.json", "config.yaml"):
         (shutil.copytree if (base / name).is_dir() else shutil.copy)(base / name, run / name)
     args = [*args, f"run.root={tmp_path}", "run.name=ddp", "train.epochs=2", "train.sampler=balanced"]
-    ctx = mp.get_context("spawn")  # cloud-volume imports gevent; forked children can deadlock
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, args, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_rank, args)
     assert results[0]["weights_sha256"] == results[1]["weights_sha256"]
     single = load_config("configs/demo.yaml", args)
     assert results[0]["steps"] == results[1]["steps"]
