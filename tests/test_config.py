@@ -85,3 +85,26 @@ def test_cli_reports_config_errors_on_one_line_with_nonzero_exit():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "synhpc train: error: override: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
     assert proc.stdout == ""
+
+
+def test_readme_config_reference_is_current():
+    """README's reference is generated from the config classes; a new or renamed key must be regenerated into it
+    (`python -m synhpc.config_reference --write README.md`)."""
+    from pathlib import Path
+
+    from synhpc.config_reference import readme_section, reference
+
+    assert readme_section(Path("README.md").read_text()) == reference()
+
+
+def test_readme_names_every_stage_and_every_key_is_documented():
+    from pathlib import Path
+
+    from synhpc.cli import STAGES
+    from synhpc.config_reference import reference
+
+    readme = Path("README.md").read_text()
+    for stage in STAGES:
+        assert f"synhpc {stage}" in readme, stage
+    undocumented = [line.split("|")[1].strip() for line in reference().splitlines() if line.startswith("| `") and line.rstrip().endswith("|  |")]
+    assert not undocumented, f"config keys without a comment in synhpc/config.py: {undocumented}"
