@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
+from jobs import one_line_errors
 from synhpc.errors import SynhpcError
 
 
@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--array", action="store_true", help="extract shard OFFSET + $SLURM_ARRAY_TASK_ID")
     parser.add_argument("--offset", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.array == bool(args.shards):
             raise SynhpcError("give either SHARD numbers or --array")
         shards = args.shards
@@ -67,14 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_shards = int(read_manifest(RunDir(args.run_dir))["shard"].max()) + 1
             if shard >= n_shards:
                 print(f"shard {shard} does not exist ({n_shards} shards): nothing to do", flush=True)
-                return 0
+                return
             shards = [shard]
         print(f"extract: {extract_job(args.run_dir, shards)} cubes", flush=True)
-    except SynhpcError as exc:
-        print(f"jobs.extract: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    return one_line_errors("extract", body)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,9 +15,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from jobs import one_line_errors
 from synhpc.errors import SynhpcError
 
 
@@ -57,17 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("parts", nargs="*", type=int, metavar="PART")
     parser.add_argument("--roots", action="store_true", help="write roots.csv from the finished parts")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.roots == bool(args.parts):
             raise SynhpcError("give either PART numbers or --roots")
         if args.roots:
             print(f"roots: {roots_job(args.run_dir)}", flush=True)
         else:
             print(f"predict: {predict_job(args.run_dir, args.parts)} synapses", flush=True)
-    except SynhpcError as exc:
-        print(f"jobs.predict: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return one_line_errors("predict", body)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,19 @@ continue where the run stopped, with the same final weights as an uninterrupted 
 
 Usage::
 
-    job = executor.submit(TrainJob(), str(run_dir))          # submitit (jobs/submit.py does this)
+    job = executor.submit(TrainJob(), str(run_dir))          # submitit (slurm/submit.py does this)
     srun python -m jobs.train RUN_DIR                          # raw sbatch (slurm/templates/train_ddp.sbatch)
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import submitit
 
+from jobs import run_dir_main
 from synhpc.config import load_run_config
-from synhpc.errors import SynhpcError
 
 
 def _distributed_rank() -> int:
@@ -55,18 +54,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.train RUN_DIR``: train outside submitit (each srun task runs this)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m jobs.train RUN_DIR", file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        result = TrainJob()(args[0])
-    except SynhpcError as exc:
-        print(f"jobs.train: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"train: {result}", flush=True)
-    return 0
-
+    return run_dir_main("train", TrainJob(), argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
