@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import json
 import math
-import signal
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -176,6 +175,8 @@ def extract_pretraining_data(cfg: Config, *, progress: bool = True) -> dict[str,
     sizes, digest = prepare_pretraining(cfg)
     pcfg = pretrain_config(cfg)
     prun = RunDir(pcfg.run_dir)
+    if sum(sizes.values()) < cfg.pretrain.batch_size:  # refused before any cube is cut
+        raise DataError(f"{prun.path}: {sum(sizes.values())} pretraining cubes, fewer than one global batch ({cfg.pretrain.batch_size}); lower pretrain.batch_size")
     missing = missing_shards(prun, sizes, digest)
     prun.cubes.mkdir(parents=True, exist_ok=True)
     if missing:
@@ -194,15 +195,6 @@ def pretrain_digest(cfg: Config, data: str) -> str:
     recipe = {k: v for k, v in cfg.to_dict()["pretrain"].items() if k not in (*SELECTION_KEYS, *NOT_RECIPE, "augment")}
     views = dataclasses.asdict(pretrain_augment(cfg))
     return digest_of({"model": model, "pretrain": recipe, "views": views, "cube_shape_zyx": cfg.cubes.shape_zyx, "data": data})
-
-
-def learning_rate(peak: float, warmup: int, step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 1% of the peak (as training's schedule)."""
-    warm = max(1, warmup)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 class Pretrainer:
@@ -281,11 +273,11 @@ class Pretrainer:
         """One step on a uint8 batch (B, 1, Z, Y, X): two views, forward, NT-Xent, backward, update. Returns the loss."""
         from synhpc.contrastive import contrastive_view, nt_xent, view_seed
         from synhpc.inference import normalize
-        from synhpc.training import autocast, grads_finite
+        from synhpc.training import autocast, grads_finite, warmup_cosine
 
         pc = self.cfg.pretrain
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(pc.lr, pc.warmup_steps, self.step, self.total)
+            group["lr"] = warmup_cosine(pc.lr, pc.warmup_steps, self.step, self.total)
         cubes = cubes.to(self.device, non_blocking=True)
         views = [contrastive_view(cubes, pc, self.augment, torch.Generator().manual_seed(view_seed(pc.seed, self.step, v))) for v in (0, 1)]
         x = normalize(torch.cat(views)).contiguous(memory_format=self.layout)
@@ -421,6 +413,7 @@ def _loop(cfg: Config, run: RunDir, trainer: Pretrainer, data: Any, progress: bo
 
     from synhpc.distributed import any_rank, broadcast_from_main, cleanup
     from synhpc.preemption import StopFlag
+    from synhpc.training import leave_together
 
     info, pc = trainer.info, cfg.pretrain
     monitor = _monitor_rows(data, pc.monitor)
@@ -447,7 +440,7 @@ def _loop(cfg: Config, run: RunDir, trainer: Pretrainer, data: Any, progress: bo
             done = trainer.run_epoch(data, on_step=on_step)
             if done["stopped"]:
                 bar.close()
-                _leave(stop, info)
+                leave_together(stop, info)
             # Ranks hold their own BatchNorm statistics; rank 0's go to all, so every rank checkpoints one network.
             broadcast_from_main(list(trainer.net.buffers()), info)
             s = trainer.epoch_stats
@@ -471,7 +464,7 @@ def _loop(cfg: Config, run: RunDir, trainer: Pretrainer, data: Any, progress: bo
             bar.set_postfix(loss=f"{row['loss']:.3f}", knn=f"{row['knn_balanced_accuracy']:.3f}")
             if any_rank(stop.requested, info):
                 bar.close()
-                _leave(stop, info)
+                leave_together(stop, info)
     if info.is_main:
         _finish(cfg, run, trainer)
     cleanup(info)
@@ -521,16 +514,6 @@ def _finish(cfg: Config, run: RunDir, trainer: Pretrainer) -> None:
     write_text(run.pretrain_record, json.dumps(record, indent=1, default=float))
 
 
-def _leave(stop: Any, info: Any) -> None:
-    """Every rank leaves at the same step; ranks the signal has not reached yet exit as if it had."""
-    from synhpc.distributed import cleanup
-
-    cleanup(info)
-    if stop.requested:
-        stop.finish()
-    raise SystemExit(128 + signal.SIGTERM)
-
-
 def pretraining_done(run: RunDir) -> bool:
     """``run`` (a pretraining folder) has its backbone and every planned step ran."""
     progress = run.read_progress()
@@ -546,10 +529,6 @@ def run_pretraining(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     split_model(build_model(cfg.model, cfg.cubes.shape_zyx))  # an unsplittable or too-small model fails first
     resolve_device(cfg.train.device)
-    sizes, _ = prepare_pretraining(cfg)
-    cubes = sum(sizes.values())
-    if cubes < cfg.pretrain.batch_size:
-        raise DataError(f"{RunDir(cfg.run_dir).pretrain.path}: {cubes} pretraining cubes, fewer than one global batch ({cfg.pretrain.batch_size}); lower pretrain.batch_size")
     cut = extract_pretraining_data(cfg, progress=progress)
     result = pretrain(pretrain_config(cfg), progress=progress)
     return {"data": cut, **result}

@@ -65,8 +65,13 @@ def training_digest(cfg: Config) -> str:
 
 
 def learning_rate(cfg: Config, step: int, total: int) -> float:
-    """Linear warmup, then cosine decay to 1% of the peak."""
-    peak, warm = cfg.train.lr, max(1, cfg.train.warmup_steps)
+    """Training's schedule: :func:`warmup_cosine` of ``train.lr`` and ``train.warmup_steps``."""
+    return warmup_cosine(cfg.train.lr, cfg.train.warmup_steps, step, total)
+
+
+def warmup_cosine(peak: float, warmup: int, step: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 1% of the peak (training's and pretraining's schedule)."""
+    warm = max(1, warmup)
     if step < warm:
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
@@ -346,7 +351,7 @@ def _loop(cfg: Config, run: RunDir, trainer: Trainer, data: ShardSet, train_idx:
             done = trainer.run_epoch(data, train_idx, labels, on_step=on_step)
             if done["stopped"]:
                 bar.close()
-                _leave(stop, info)
+                leave_together(stop, info)
             val, fit = trainer.validate(data, val_idx, probe)
             row = {
                 "epoch": epoch,
@@ -374,7 +379,7 @@ def _loop(cfg: Config, run: RunDir, trainer: Trainer, data: ShardSet, train_idx:
             bar.set_postfix(val_ba=f"{val['balanced_accuracy']:.3f}")
             if any_rank(stop.requested, info):
                 bar.close()
-                _leave(stop, info)
+                leave_together(stop, info)
     cleanup(info)
     return {
         "steps": trainer.step,
@@ -453,7 +458,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _leave(stop: StopFlag, info: DistInfo) -> None:
+def leave_together(stop: StopFlag, info: DistInfo) -> None:
     """Every rank leaves at the same step; ranks the signal has not reached yet exit as if it had."""
     cleanup(info)
     if stop.requested:
