@@ -201,6 +201,15 @@ class ModelConfig:
     init_lr_scale: float = 1.0  # with model.init: the backbone's learning rate as a share of train.lr (the head's is train.lr)
 
 
+# Keys of the model section that say where training starts from, not what the network is.
+START_KEYS = ("init", "freeze", "init_lr_scale")
+
+
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The model section without :data:`START_KEYS`: what a pretrained backbone, its digest and its record name."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in START_KEYS}
+
+
 @dataclass
 class TrainConfig:
     """Supervised training (``synhpc train``) on the train split, best epoch chosen on val; DDP across the ranks that

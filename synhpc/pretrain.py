@@ -41,7 +41,7 @@ import torch
 
 from synhpc import __version__
 from synhpc.atomic import write_csv, write_text
-from synhpc.config import Config, PredictConfig, digest_of, pretrain_augment, save_config
+from synhpc.config import Config, PredictConfig, architecture, digest_of, pretrain_augment, save_config
 from synhpc.errors import DataError
 from synhpc.rundir import RunDir, TrainProgress
 
@@ -191,7 +191,7 @@ def extract_pretraining_data(cfg: Config, *, progress: bool = True) -> dict[str,
 
 def pretrain_digest(cfg: Config, data: str) -> str:
     """What a pretraining checkpoint must agree with to be resumed: architecture, recipe, views and data."""
-    model = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("init", "freeze")}
+    model = architecture(cfg.model)
     recipe = {k: v for k, v in cfg.to_dict()["pretrain"].items() if k not in (*SELECTION_KEYS, *NOT_RECIPE, "augment")}
     views = dataclasses.asdict(pretrain_augment(cfg))
     return digest_of({"model": model, "pretrain": recipe, "views": views, "cube_shape_zyx": cfg.cubes.shape_zyx, "data": data})
@@ -255,7 +255,7 @@ class Pretrainer:
             "digest": self.digest,
             # What models.backbone.read_backbone needs to take a backbone out of a checkpoint.
             "head_keys": sorted(self.split.head_keys),
-            "model_config": {k: v for k, v in self.cfg.to_dict()["model"].items() if k not in ("init", "freeze")},
+            "model_config": architecture(self.cfg.model),
             "cube_shape_zyx": list(self.cfg.cubes.shape_zyx),
             "pretrain_digest": self.digest,
         }
@@ -492,7 +492,7 @@ def _finish(cfg: Config, run: RunDir, trainer: Pretrainer) -> None:
     from synhpc.models.backbone import BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION
     from synhpc.shards import file_sha256
 
-    model = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("init", "freeze")}
+    model = architecture(cfg.model)
     if run.pretrain_record.is_file() and run.backbone.is_file():
         record = json.loads(run.pretrain_record.read_text())
         if record.get("pretrain_digest") == trainer.digest and record.get("step") == trainer.step:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from synhpc.atomic import write_csv
 from synhpc.augment import apply, mix, step_seed
 from synhpc.checkpoint import atomic_save, load_latest, save_checkpoint
-from synhpc.config import Config, digest_of, save_config
+from synhpc.config import START_KEYS, Config, digest_of, save_config
 from synhpc.datasets import CubeDataset, ShardSet
 from synhpc.distributed import DistInfo, any_rank, broadcast_from_main, cleanup, init_from_env
 from synhpc.ema import EMA
@@ -57,7 +57,7 @@ def training_digest(cfg: Config) -> str:
     # How often to checkpoint or log and how many workers/threads to use do not change what is learned.
     train = {k: v for k, v in data["train"].items() if k not in ("num_workers", "threads", "checkpoint_every", "log_every", "device")}
     # model.init/freeze and the label budget count only when used, so every other run keeps its digest (and resumes).
-    model = {k: v for k, v in data["model"].items() if k not in ("init", "freeze", "init_lr_scale") or (v and cfg.model.init)}
+    model = {k: v for k, v in data["model"].items() if k not in START_KEYS or (v and cfg.model.init)}
     keyed = {"model": model, "train": train, "augment": data["augment"], "cubes": data["cubes"]["shape_zyx"]}
     if cfg.labels.fraction < 1.0:
         keyed["labels"] = {"fraction": cfg.labels.fraction, "seed": cfg.labels.seed}

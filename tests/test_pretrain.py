@@ -417,3 +417,14 @@ def test_init_lr_scale_slows_only_the_backbone(tmp_path):
     assert {id(p) for p in head["params"]} == {id(p) for p in split_model(trainer.model).head.parameters()}
     _, plain = _trainer()
     assert len(plain.optimizer.param_groups) == 1  # no model.init: the optimizer is the one it always was
+
+
+def test_where_training_starts_from_never_changes_the_pretraining():
+    """model.init, freeze and init_lr_scale steer fine-tuning; a pretraining (its digest, resume and backbone record)
+    must not depend on them, or a label sweep with another init_lr_scale would refuse the backbone it just made."""
+    from synhpc.pretrain import pretrain_digest
+
+    base = load_config("configs/demo.yaml")
+    start = load_config("configs/demo.yaml", ["model.init_lr_scale=0.1", "model.freeze=true", "model.init=elsewhere"])
+    wider = load_config("configs/demo.yaml", ["model.width=32"])
+    assert pretrain_digest(start, "data") == pretrain_digest(base, "data") != pretrain_digest(wider, "data")
