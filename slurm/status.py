@@ -76,11 +76,6 @@ def training_state(run: RunDir) -> TrainingState:
     return TrainingState(progress, epoch, age, run.best.is_file())
 
 
-def evaluation_current(run: RunDir) -> bool:
-    """summary.csv exists and was written after the best model it evaluates."""
-    return run.summary.is_file() and run.best.is_file() and run.summary.stat().st_mtime >= run.best.stat().st_mtime
-
-
 def shard_counts(run: RunDir) -> tuple[int, int | None]:
     """(shards on disk, shards planned); shards are renamed into place whole, so a visible file is complete."""
     done = len(list(run.cubes.glob("shard-*.h5"))) if run.cubes.is_dir() else 0
@@ -170,7 +165,7 @@ def status(run_dir: str | Path) -> str:
             f"training: epochs {epoch}, step {progress.done_steps}/{progress.planned_steps} on {progress.world_size} rank(s) "
             f"(newest checkpoint {_age(training.checkpoint_age_s)} old)" + (", done" if training.done else "")
         )
-    if evaluation_current(run):
+    if run.evaluation_current():
         lines.append(f"evaluation: done -> {run.summary}")
     elif run.summary.is_file():
         lines.append(f"evaluation: stale ({run.summary} is older than {run.best.name})")

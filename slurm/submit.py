@@ -28,7 +28,7 @@ from slurm.launch import stage_executor
 from slurm.plan import array_chunks
 from slurm.profile import Profile, check_submittable, job_folder
 from slurm.queue import ACTIVE_STATES, JobId, afterok, cancel, max_array_size, queued
-from slurm.status import JOBS_COLUMNS, evaluation_current, read_jobs, training_state
+from slurm.status import JOBS_COLUMNS, read_jobs, training_state
 from synhpc.atomic import write_csv
 from synhpc.config import Config, load_config
 from synhpc.cubes import missing_shards
@@ -185,7 +185,7 @@ def submit_pipeline(cfg: Config, profile: Profile, *, until: str = "gather") -> 
             train_needed = "train" in wanted and (bool(missing) or not training_state(run).done)
             if train_needed:
                 upstream = [sub.job("train", TrainJob(), path, dependency=afterok(upstream))]
-            if "evaluate" in wanted and (train_needed or bool(missing) or not evaluation_current(run)):
+            if "evaluate" in wanted and (train_needed or bool(missing) or not run.evaluation_current()):
                 upstream = [sub.job("evaluate", evaluate_job, path, dependency=afterok(upstream))]
             root_summary = gathered_summary(cfg.run.root)
             gathered = root_summary.is_file() and run.summary.is_file() and root_summary.stat().st_mtime >= run.summary.stat().st_mtime

@@ -63,15 +63,10 @@ def link_data(base: RunDir, target: RunDir) -> None:
             shutil.copy(source, dest)
 
 
-def _evaluated(run: RunDir) -> bool:
-    return run.summary.is_file() and run.best.is_file() and run.summary.stat().st_mtime >= run.best.stat().st_mtime
-
-
 def run_config(cfg: Config, run: RunDir, arm: str, fraction: float, repeat: int, epochs: int, backbone: Path | None, backbone_sha: str = "") -> Config:
     """The config of one sweep run: the bench config with the arm's init, the budget and the epochs, in a folder
     named after them and the training digest (as :class:`synhpc.training.Trainer` computes it)."""
-    from synhpc.config import digest_of
-    from synhpc.training import training_digest
+    from synhpc.training import trainer_digest
 
     out = copy.deepcopy(cfg)
     out.labels.fraction, out.labels.seed = float(fraction), cfg.labels.seed + repeat
@@ -79,7 +74,7 @@ def run_config(cfg: Config, run: RunDir, arm: str, fraction: float, repeat: int,
     out.model.freeze = arm == "probe"
     out.train.epochs = epochs
     out.evaluate.baselines, out.evaluate.inspect = False, 0  # the model's own rows are what the sweep compares
-    digest = training_digest(out) if arm == "scratch" else digest_of([training_digest(out), backbone_sha])
+    digest = trainer_digest(out, backbone_sha if arm != "scratch" else "")
     out.run.root, out.run.name = str(run.label_sweep), f"{arm}-f{round(fraction * 1000):04d}-r{repeat}-{digest[:8]}"
     return out
 
@@ -143,7 +138,7 @@ def bench_labels(cfg: Config, out_dir: Path) -> pd.DataFrame:
                 rcfg = run_config(cfg, run, arm, fraction, repeat, epochs, backbone, backbone_sha)
                 rdir = RunDir(rcfg.run_dir)
                 started = time.perf_counter()
-                if not _evaluated(rdir):
+                if not rdir.evaluation_current():
                     link_data(run, rdir)
                     print(f"bench labels: {rdir.name}: {int(keep.sum())} synapses of {len(np.unique(kept_roots))} neurons, {epochs} epochs", flush=True)
                     train(rcfg, progress=False)
@@ -192,10 +187,9 @@ def goal_check(frame: pd.DataFrame) -> dict[str, Any]:
 def plot(frame: pd.DataFrame, path: Path, title: str = "") -> None:
     """Balanced accuracy and ROC-AUC (columns) at synapse and neuron level (rows) against labelled training neurons,
     one line per arm (mean over repeats) with the 95% CIs over test neurons as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from synhpc.plots import save_figure  # (sets the display-free backend first)
 
     levels = [lv for lv in ("synapse", "neuron") if lv in set(frame["level"])]
     fig, axes = plt.subplots(len(levels), 2, figsize=(10, 3.8 * len(levels)), squeeze=False)
@@ -223,8 +217,4 @@ def plot(frame: pd.DataFrame, path: Path, title: str = "") -> None:
                 ax.legend(loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

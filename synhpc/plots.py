@@ -25,7 +25,8 @@ from synhpc.metrics import roc_auc  # noqa: E402
 from synhpc.neuron_curve import MIN_NEURONS  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Lay out ``fig`` and write it as a PNG whole (temporary sibling, rename), then close it."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -47,7 +48,7 @@ def confusion_matrix(summary: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"test, {row['level']} level\nbalanced acc {row['balanced_accuracy']:.3f} (tau {row['tau']:.3f})")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def threshold_sweep(sweep: pd.DataFrame, tau: float, metric: str, path: Path) -> None:
@@ -58,7 +59,7 @@ def threshold_sweep(sweep: pd.DataFrame, tau: float, metric: str, path: Path) ->
     ax.set_ylabel(f"validation {metric.replace('_', ' ')}")
     ax.set_xlim(0, 1)
     ax.legend(loc="lower center")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def training_curves(log: pd.DataFrame, path: Path) -> None:
@@ -73,7 +74,7 @@ def training_curves(log: pd.DataFrame, path: Path) -> None:
     b.set_xlabel("epoch")
     b.set_ylim(0.4, 1.0)
     b.legend(loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 _SPLIT_ORDER = ("val", "test")
@@ -107,7 +108,7 @@ def roc_curve(pred: pd.DataFrame, path: Path) -> None:
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def accuracy_vs_synapses(curve: pd.DataFrame, path: Path, *, min_neurons: int = MIN_NEURONS) -> None:
@@ -166,7 +167,7 @@ def accuracy_vs_synapses(curve: pd.DataFrame, path: Path, *, min_neurons: int = 
     if len(ks):
         cnt.set_xticks(ks, [str(int(k)) for k in ks])
         cnt.xaxis.set_minor_formatter(NullFormatter())
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def reliability_diagram(
@@ -205,7 +206,7 @@ def reliability_diagram(
     ax.legend(loc="upper left", fontsize=8)
     cnt.set_xlabel("predicted P(excitatory)")
     cnt.set_ylabel("synapses per bin")
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def section_gallery(sections: list[np.ndarray], titles: list[str], path: Path, *, title: str = "", columns: int = 6) -> None:
@@ -226,4 +227,4 @@ def section_gallery(sections: list[np.ndarray], titles: list[str], path: Path, *
         axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))

@@ -209,6 +209,10 @@ class RunDir:
         """Per presynaptic root: synapses, summed and mean log-odds, P(excitatory) two ways, and the call."""
         return self.path / "roots.csv"
 
+    def evaluation_current(self) -> bool:
+        """summary.csv exists and was written after the best model it evaluates."""
+        return self.summary.is_file() and self.best.is_file() and self.summary.stat().st_mtime >= self.best.stat().st_mtime
+
     def part_embeddings(self, part: int) -> Path:
         """Backbone embeddings of one part (``predict.embeddings``): id, pre_pt_root_id, embedding (float32 list)."""
         return self.parts / f"embeddings-{part:05d}.parquet"

@@ -64,6 +64,12 @@ def training_digest(cfg: Config) -> str:
     return digest_of(keyed)
 
 
+def trainer_digest(cfg: Config, backbone_sha256: str = "") -> str:
+    """What a run's checkpoints carry and must match to resume: the training digest, joined by the sha256 of the
+    pretrained backbone ``model.init`` loads (so a checkpoint never resumes onto another backbone)."""
+    return digest_of([training_digest(cfg), backbone_sha256]) if backbone_sha256 else training_digest(cfg)
+
+
 def learning_rate(cfg: Config, step: int, total: int) -> float:
     """Training's schedule: :func:`warmup_cosine` of ``train.lr`` and ``train.warmup_steps``."""
     return warmup_cosine(cfg.train.lr, cfg.train.warmup_steps, step, total)
@@ -130,7 +136,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.cubes.shape_zyx)
         # model.init: the pretrained backbone replaces the built one's weights (the head stays as built) before
-        # anything copies the model; its file's sha256 joins the digest, so a checkpoint never resumes onto another.
+        # anything copies the model; its file's sha256 joins the digest (trainer_digest).
         self.init = load_backbone(self.model, cfg.model.init, expect=cfg.model.name, freeze=cfg.model.freeze) if cfg.model.init else None
         self.card_extra: dict[str, Any] = {"pretraining": self.init} if self.init else {}
         self.model = self.model.to(self.device, memory_format=self.layout)
@@ -143,7 +149,7 @@ class Trainer:
         self.per_epoch = per_epoch
         self.total = per_epoch * cfg.train.epochs
         self.updates_total = math.ceil(per_epoch / cfg.train.grad_accum) * cfg.train.epochs
-        self.digest = training_digest(cfg) if self.init is None else digest_of([training_digest(cfg), self.init["sha256"]])
+        self.digest = trainer_digest(cfg, self.init["sha256"] if self.init else "")
         self.step, self.history, self.skipped = 0, [], 0
         self.best = {"balanced_accuracy": -1.0, "epoch": -1}
         # Loss summed over the epoch so far; checkpointed so a resumed epoch reports the same mean.

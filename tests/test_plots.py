@@ -47,7 +47,7 @@ def test_accuracy_vs_synapses_png(tmp_path):
 def captured(monkeypatch):
     """The figures the plot functions build, kept open for inspection instead of written."""
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
     yield figures
     for fig in figures:
         plots.plt.close(fig)
