@@ -85,20 +85,28 @@ def run_tasks(cfg: Config, stage: str, fn: Callable[[str, list[int]], int], run_
             raise DataError(f"{task_failure(exc)} ({stage} task {job.job_id}; log: {job.paths.stderr})") from None
 
 
-def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
-    """Prepare the run, extract every missing shard through the configured executor, wait, and build the index."""
+def cut_missing_shards(cfg: Config, run: RunDir, sizes: dict[int, int], digest: str, *, progress: bool) -> list[int]:
+    """Cut the shards of a prepared ``run`` that are not complete through the configured executor, and wait;
+    returns the shards it cut (complete ones are skipped, so a rerun resumes)."""
     from jobs.extract import extract_job
     from synhpc.cubes import missing_shards
+
+    missing = missing_shards(run, sizes, digest)
+    run.cubes.mkdir(parents=True, exist_ok=True)
+    if missing:
+        run_tasks(cfg, "extract", extract_job, run.path, missing, {s: sizes[s] for s in missing}, run.shard, unit="cube", progress=progress)
+    return missing
+
+
+def run_extraction(cfg: Config, *, progress: bool = True) -> dict[str, float]:
+    """Prepare the run, extract every missing shard through the configured executor, wait, and build the index."""
     from synhpc.manifest import prepare_run
     from synhpc.shards import build_index
 
     start = time.perf_counter()
     run = RunDir(cfg.run_dir)
     sizes, digest = prepare_run(cfg)
-    missing = missing_shards(run, sizes, digest)
-    run.cubes.mkdir(parents=True, exist_ok=True)
-    if missing:
-        run_tasks(cfg, "extract", extract_job, run.path, missing, {s: sizes[s] for s in missing}, run.shard, unit="cube", progress=progress)
+    missing = cut_missing_shards(cfg, run, sizes, digest, progress=progress)
     index = build_index(run, sizes, digest)
     seconds = time.perf_counter() - start
     return {"cubes": sum(sizes.values()), "shards": len(sizes), "submitted": len(missing), "seconds": seconds,

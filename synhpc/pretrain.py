@@ -166,9 +166,7 @@ def prepare_pretraining(cfg: Config) -> tuple[dict[int, int], str]:
 def extract_pretraining_data(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Prepare ``<run>/pretrain/``, cut its missing shards with the extraction jobs (``execution.executor``) and
     index them; complete shards are skipped, so this resumes."""
-    from jobs.extract import extract_job
-    from slurm.launch import run_tasks
-    from synhpc.cubes import missing_shards
+    from slurm.launch import cut_missing_shards
     from synhpc.shards import build_index
 
     start = time.perf_counter()
@@ -177,10 +175,7 @@ def extract_pretraining_data(cfg: Config, *, progress: bool = True) -> dict[str,
     prun = RunDir(pcfg.run_dir)
     if sum(sizes.values()) < cfg.pretrain.batch_size:  # refused before any cube is cut
         raise DataError(f"{prun.path}: {sum(sizes.values())} pretraining cubes, fewer than one global batch ({cfg.pretrain.batch_size}); lower pretrain.batch_size")
-    missing = missing_shards(prun, sizes, digest)
-    prun.cubes.mkdir(parents=True, exist_ok=True)
-    if missing:
-        run_tasks(pcfg, "extract", extract_job, prun.path, missing, {s: sizes[s] for s in missing}, prun.shard, unit="cube", progress=progress)
+    missing = cut_missing_shards(pcfg, prun, sizes, digest, progress=progress)
     if missing or not prun.index.is_file():
         build_index(prun, sizes, digest)
     return {"cubes": sum(sizes.values()), "shards": len(sizes), "cut_now": len(missing), "seconds": time.perf_counter() - start}
