@@ -239,17 +239,16 @@ def stage_orphans(cfg: Config) -> None:
 def stage_cv(cfg: Config) -> None:
     from pathlib import Path
 
-    from synhpc.folds import fold_configs
-    from synhpc.gather import cv_gathered, gather
+    from synhpc.folds import cv_summary, fold_configs
+    from synhpc.gather import gather
+    from synhpc.rundir import cv_gathered
 
     for fold_cfg in fold_configs(cfg):
         print(f"cv: fold {fold_cfg.split.fold} of {cfg.split.folds} -> {fold_cfg.run_dir}")
         for stage in (stage_extract, stage_train, stage_evaluate):
             stage(fold_cfg)
-    gather(Path(cfg.run.root))
-    import pandas as pd
-
-    cv = pd.read_csv(cv_gathered(cfg.run.root))
+    table, _ = gather(Path(cfg.run.root))
+    cv = cv_summary(table)
     mine = cv[(cv["cv"] == cfg.run.name) & (cv["split"] == "test")]
     columns = ["model", "level", "folds", "balanced_accuracy_mean", "balanced_accuracy_sd", "balanced_accuracy_min", "balanced_accuracy_max", "roc_auc_mean", "roc_auc_sd"]
     print(mine[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

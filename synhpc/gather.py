@@ -17,7 +17,7 @@ import pandas as pd
 
 from synhpc.atomic import write_csv
 from synhpc.errors import DataError
-from synhpc.rundir import RunDir, gathered_summary
+from synhpc.rundir import RunDir, cv_gathered, gathered_summary
 
 CI_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "mcc")
 # Synapse-level calibration (temperature fitted on validation); NaN on neuron-level rows.
@@ -85,11 +85,6 @@ def gather(root: Path) -> tuple[pd.DataFrame, list[str]]:
         if not cv.empty:
             write_csv(cv, cv_gathered(root))
     return table, skipped
-
-
-def cv_gathered(root: str | Path) -> Path:
-    """``<run.root>/summary_cv.csv``: every cross-validation's spread over its folds."""
-    return Path(root) / "summary_cv.csv"
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -311,6 +311,11 @@ def gathered_summary(root: str | os.PathLike[str]) -> Path:
     return Path(root) / SUMMARY
 
 
+def cv_gathered(root: str | os.PathLike[str]) -> Path:
+    """``<run.root>/summary_cv.csv``: every cross-validation's spread over its folds."""
+    return Path(root) / "summary_cv.csv"
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file a stage wrote earlier, or a one-line DataError naming it."""
     try:
