@@ -38,9 +38,9 @@ def neuron_subset(pre_root_ids: np.ndarray, labels: np.ndarray, fraction: float,
     return np.isin(roots, np.concatenate(keep_roots))
 
 
-def budget_record(pre_root_ids: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> dict:
-    """What a model card says of the budget: fraction, seed, and the neurons and synapses kept per class."""
-    keep = neuron_subset(pre_root_ids, labels, fraction, seed)
+def budget_record(pre_root_ids: np.ndarray, labels: np.ndarray, keep: np.ndarray, fraction: float, seed: int) -> dict:
+    """What a model card says of the budget ``keep`` (:func:`neuron_subset` of ``fraction`` and ``seed``): fraction,
+    seed, and the neurons and synapses kept per class."""
     roots, labels = np.asarray(pre_root_ids)[keep], np.asarray(labels)[keep]
     return {
         "fraction": float(fraction),

@@ -311,8 +311,9 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     budget = None
     if cfg.labels.fraction < 1.0:  # a label budget: a seeded share of the train neurons per class (synhpc.label_budget)
         roots, classes = data.rows["pre_root_id"][train_idx], data.rows["label"][train_idx]
-        budget = budget_record(roots, classes, cfg.labels.fraction, cfg.labels.seed)
-        train_idx = train_idx[neuron_subset(roots, classes, cfg.labels.fraction, cfg.labels.seed)]
+        keep = neuron_subset(roots, classes, cfg.labels.fraction, cfg.labels.seed)
+        budget = budget_record(roots, classes, keep, cfg.labels.fraction, cfg.labels.seed)
+        train_idx = train_idx[keep]
     labels = data.rows["label"][train_idx]
     n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
     if n_pos == 0 or n_neg == 0:
