@@ -56,5 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.train RUN_DIR``: train outside submitit (each srun task runs this)."""
     return run_dir_main("train", TrainJob(), argv)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

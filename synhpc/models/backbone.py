@@ -123,11 +123,9 @@ class _UNetBackbone(nn.Module):
         self.levels, self.pools, self.tail = model.levels, model.pools, tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, level in enumerate(self.levels):
-            if i:
-                x = self.pools[i - 1](x)
-            x = level(x)
-        return self.tail(x)
+        from synhpc.models.unet3d import encode
+
+        return self.tail(encode(self.levels, self.pools, x))
 
 
 class _PlanarBackbone(nn.Module):

@@ -53,8 +53,13 @@ class UNet3DEncoder(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[-1], 1), nn.Flatten(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, level in enumerate(self.levels):
-            if i:
-                x = self.pools[i - 1](x)
-            x = level(x)
-        return self.head(x)
+        return self.head(encode(self.levels, self.pools, x))
+
+
+def encode(levels: nn.ModuleList, pools: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's levels with a pooling between each two: the classifier's and its pretrained backbone's path."""
+    for i, level in enumerate(levels):
+        if i:
+            x = pools[i - 1](x)
+        x = level(x)
+    return x
