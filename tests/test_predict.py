@@ -235,7 +235,8 @@ def test_prediction_through_submit_matches_a_local_run(slurm_cluster, trained): 
     jobs = submit_prediction(cfg, load_profile("local"))
     assert list(jobs["stage"]) == ["predict", "roots"] and jobs["dependency"].iloc[1] == f"afterok:{jobs['job_id'].iloc[0]}"
     deadline = time.monotonic() + 240
-    while not (cfg.run_dir / "roots.csv").is_file():
+    # roots.csv appears before its job has left the queue; a resubmission is only "nothing to do" once it has.
+    while not ((cfg.run_dir / "roots.csv").is_file() and set(job_states(list(jobs["job_id"])).values()) <= {"COMPLETED"}):
         states = job_states(list(jobs["job_id"]))
         assert not {s for s in states.values() if s in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY")}, states
         assert time.monotonic() < deadline, states
